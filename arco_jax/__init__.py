@@ -1,0 +1,1 @@
+"""arco_jax: ARCO semi-supervised medical image segmentation in JAX/Flax."""
