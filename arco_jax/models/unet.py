@@ -1,0 +1,183 @@
+"""The 2D UNet of SSL4MIS, the segmenter ARCO uses on ACDC, in Flax linen (NHWC).
+
+Structure (as the reference's ARCO 2D model, which uses the transposed-convolution decoder):
+  encoder: ConvBlock at full resolution, then four times max-pool 2x2 + ConvBlock;
+           channels 16, 32, 64, 128, 256, dropout 0.05, 0.1, 0.2, 0.3, 0.5.
+  decoder: four times 2x2 stride-2 transposed conv (to the skip's channel count),
+           concat(skip, upsampled), ConvBlock without dropout; then a 3x3 conv to classes.
+  ConvBlock: conv3x3 - BN - LeakyReLU(0.01) - Dropout - conv3x3 - BN - LeakyReLU(0.01).
+All convolutions carry a bias. With 1 input channel and 4 classes: 1,944,324 parameters.
+
+Initialisation follows PyTorch's defaults exactly, so training starts from the same weight
+scale as the reference: every kernel and bias is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+with PyTorch's fan_in (for a transposed conv PyTorch takes out_channels * k * k). BatchNorm
+starts at scale 1, bias 0.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU default
+BN_MOMENTUM = 0.9  # torch momentum 0.1: running = 0.9 * running + 0.1 * batch
+BN_EPSILON = 1e-5
+NUM_LEVELS = 5
+
+
+def uniform_fan_in(fan_in: int) -> Initializer:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for conv/linear weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class ConvBlock(nn.Module):
+    """Two conv3x3-BN-LeakyReLU layers with dropout between them (rate 0 skips it)."""
+
+    features: int
+    dropout_rate: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for layer in range(2):
+            fan_in = x.shape[-1] * 9
+            x = nn.Conv(
+                self.features,
+                kernel_size=(3, 3),
+                padding=((1, 1), (1, 1)),
+                kernel_init=uniform_fan_in(fan_in),
+                bias_init=uniform_fan_in(fan_in),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"conv{layer}",
+            )(x)
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=BN_MOMENTUM,
+                epsilon=BN_EPSILON,
+                # Two-pass variance, like PyTorch: robust when |mean| >> std.
+                use_fast_variance=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"bn{layer}",
+            )(x)
+            x = nn.leaky_relu(x, LEAKY_SLOPE)
+            if layer == 0 and self.dropout_rate > 0.0:
+                x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        return x
+
+
+class UpBlock(nn.Module):
+    """2x2 stride-2 transposed conv of the coarse map, concat with the skip, ConvBlock."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, coarse: jax.Array, skip: jax.Array, *, train: bool) -> jax.Array:
+        skip_channels = skip.shape[-1]
+        fan_in = skip_channels * 4  # PyTorch's fan_in for ConvTranspose2d weights (in, out, 2, 2)
+        up = nn.ConvTranspose(
+            skip_channels,
+            kernel_size=(2, 2),
+            strides=(2, 2),
+            padding="VALID",
+            kernel_init=uniform_fan_in(fan_in),
+            bias_init=uniform_fan_in(fan_in),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="up",
+        )(coarse)
+        x = jnp.concatenate([skip, up], axis=-1)
+        return ConvBlock(self.features, 0.0, self.dtype, self.param_dtype, name="block")(
+            x, train=train
+        )
+
+
+class UNet(nn.Module):
+    """SSL4MIS 2D UNet returning logits and the five decoder-level feature maps.
+
+    `__call__(x, train=...)` takes NHWC images (H, W divisible by 16) and returns
+    `(logits, features)`: logits (B, H, W, num_classes) in float32 (softmax and losses want
+    full precision even when `dtype` is bfloat16), and features, in `dtype`, from coarsest to
+    finest: the bottleneck (features[4] channels at H/16), then the output of each decoder
+    stage (features[3] @ H/8, ..., features[0] @ H). These are the maps the ARCO
+    representation head fuses. `train` switches dropout (needs the 'dropout' rng) and
+    batch-statistics BatchNorm (needs mutable 'batch_stats').
+    """
+
+    num_classes: int = 4
+    in_channels: int = 1
+    features: Sequence[int] = (16, 32, 64, 128, 256)
+    dropout_rates: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _check(self, x: jax.Array) -> None:
+        if len(self.features) != NUM_LEVELS or len(self.dropout_rates) != NUM_LEVELS:
+            raise ValueError(
+                f"UNet needs {NUM_LEVELS} feature widths and {NUM_LEVELS} dropout rates, got "
+                f"features={tuple(self.features)}, dropout_rates={tuple(self.dropout_rates)}"
+            )
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects NHWC images (B, H, W, C), got shape {x.shape}")
+        _, height, width, channels = x.shape
+        if channels != self.in_channels:
+            raise ValueError(
+                f"UNet was built for in_channels={self.in_channels}, got images with "
+                f"{channels} channels (shape {x.shape})"
+            )
+        factor = 2 ** (NUM_LEVELS - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"UNet needs H and W divisible by {factor} (four 2x poolings), got {height}x{width}"
+            )
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        self._check(x)
+        x = x.astype(self.dtype)
+        skips = []
+        for level, (width, rate) in enumerate(zip(self.features, self.dropout_rates)):
+            if level > 0:
+                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = ConvBlock(width, rate, self.dtype, self.param_dtype, name=f"encoder{level}")(
+                x, train=train
+            )
+            skips.append(x)
+
+        decoder_maps = [x]
+        for stage, level in enumerate(range(NUM_LEVELS - 2, -1, -1), start=1):
+            x = UpBlock(self.features[level], self.dtype, self.param_dtype, name=f"decoder{stage}")(
+                x, skips[level], train=train
+            )
+            decoder_maps.append(x)
+
+        fan_in = self.features[0] * 9
+        logits = nn.Conv(
+            self.num_classes,
+            kernel_size=(3, 3),
+            padding=((1, 1), (1, 1)),
+            kernel_init=uniform_fan_in(fan_in),
+            bias_init=uniform_fan_in(fan_in),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out_conv",
+        )(x)
+        return logits.astype(jnp.float32), tuple(decoder_maps)
