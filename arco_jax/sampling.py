@@ -1,0 +1,331 @@
+"""Pixel samplers for the contrastive loss: uniform, stratified (SG) and stratified antithetic (SAG).
+
+ARCO's point is that *which* pixels enter the contrastive loss matters: drawing them uniformly
+(ReCo, ARCO-NS) gives a noisy loss estimate, while splitting the candidates into G strata and
+drawing from each in proportion to its size (SG), or in antithetic pairs reflected through the
+stratum centre (SAG), lowers the variance of that estimate.
+
+Candidates are a boolean mask of static shape; a sample is `n` int32 indices into the flattened
+mask, drawn with replacement, plus a flag saying whether there was any candidate at all. Every
+function here is a pure jnp program with static shapes, so it can be jitted and vmapped (for
+instance over the classes: a stack of masks and a stack of keys).
+
+Strata ("layouts"):
+- 'index' (the reference code): the i-th candidate in raster order of the flattened mask takes
+  the cell (i // edge, i % edge) of an edge x edge square, edge = round(sqrt(N)); the square is
+  cut into a sqrt(G) x sqrt(G) grid of blocks whose last row and column absorb the remainder
+  (and any rank beyond edge**2 falls into the last row of blocks).
+- 'spatial' (the paper): the image plane (H, W) is cut into a sqrt(G) x sqrt(G) grid of cells;
+  leading (batch) dimensions are pooled, so stratum g holds the class's pixels in cell g of
+  every image of the batch.
+
+Allocation is proportional: stratum g gets floor(n N_g / N) slots, and the remaining R slots go
+to R distinct strata chosen by systematic sampling with inclusion probability equal to the
+fractional part of n N_g / N. Every stratum so gets its quota or one more, and the expected
+number of slots is exactly n N_g / N, which keeps the sample mean an unbiased estimate of the
+population mean. Slots are laid out contiguously per stratum (shuffle them if their order
+matters downstream). With fewer candidates than strata every sampler falls back to uniform.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SAMPLERS = ("uniform", "sg", "sag")
+LAYOUTS = ("index", "spatial")
+
+# Proportional quotas are estimated in float32 and then corrected exactly with int32 arithmetic;
+# the correction needs the estimate within one of the truth (n < 2**22) and products that wrap
+# around int32 without losing the answer (mask size * strata < 2**31).
+_MAX_SAMPLES = 2**22
+_INT32_LIMIT = 2**31
+
+
+class _Strata(NamedTuple):
+    """How one layout groups the candidates.
+
+    counts: (G,) candidates per stratum.
+    rank_of: (stratum, rank within stratum) -> rank in the layout's candidate order.
+    position_of: rank in that order -> index into the flattened mask.
+    """
+
+    counts: jax.Array
+    rank_of: Callable[[jax.Array, jax.Array], jax.Array]
+    position_of: Callable[[jax.Array], jax.Array]
+
+
+def grid_cut(num_strata: int) -> int:
+    """Side of the square grid of strata; num_strata must be a perfect square (9, 16, 25, ...)."""
+    if isinstance(num_strata, bool) or not isinstance(num_strata, (int, np.integer)):
+        raise ValueError(f"num_strata must be an int, got {num_strata!r}")
+    cut = math.isqrt(max(int(num_strata), 0))
+    if num_strata < 1 or cut * cut != num_strata:
+        raise ValueError(
+            f"num_strata must be a perfect square >= 1 (e.g. 9, 16, 25): the strata form a "
+            f"sqrt(G) x sqrt(G) grid; got {num_strata}")
+    return cut
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _spatial_shape_for(mask_shape: tuple[int, ...], layout: str,
+                       spatial_shape: tuple[int, ...] | None, cut: int) -> tuple[int, ...] | None:
+    """The (..., H, W) shape the 'spatial' layout reads the flattened mask with."""
+    if layout == "index":
+        if spatial_shape is not None:
+            raise ValueError(
+                f"spatial_shape={spatial_shape} is only used by layout='spatial', got layout='index'")
+        return None
+    shape = tuple(mask_shape) if spatial_shape is None else tuple(int(s) for s in spatial_shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"layout='spatial' needs a mask of shape (..., H, W) or spatial_shape=(..., H, W); "
+            f"got mask shape {tuple(mask_shape)} and spatial_shape={spatial_shape}")
+    if math.prod(shape) != math.prod(mask_shape):
+        raise ValueError(
+            f"spatial_shape {shape} holds {math.prod(shape)} pixels but the mask of shape "
+            f"{tuple(mask_shape)} holds {math.prod(mask_shape)}")
+    height, width = shape[-2:]
+    if cut > min(height, width):
+        raise ValueError(
+            f"a {cut}x{cut} grid of strata does not fit an image of {height}x{width} pixels")
+    return shape
+
+
+def _check_sizes(mask_size: int, n: int, num_strata: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= _MAX_SAMPLES:
+        raise ValueError(f"n (samples to draw) must be an int in [1, {_MAX_SAMPLES}], got {n!r}")
+    if mask_size < 1:
+        raise ValueError("the candidate mask is empty (size 0); it needs a static size >= 1")
+    if mask_size * num_strata >= _INT32_LIMIT:
+        raise ValueError(
+            f"mask size {mask_size} x num_strata {num_strata} must stay below 2**31 "
+            f"(int32 quota arithmetic)")
+
+
+def _round_sqrt(count: jax.Array) -> jax.Array:
+    """round(sqrt(count)) exactly for int32 counts (float32 sqrt corrected by one step)."""
+    edge = jnp.round(jnp.sqrt(count.astype(jnp.float32))).astype(jnp.int32)
+    # round(sqrt(N)) = e  <=>  e(e-1) < N <= e(e+1) for integers N >= 0.
+    edge = jnp.where(edge * (edge + 1) < count, edge + 1, edge)
+    return jnp.where(edge * (edge - 1) >= count, edge - 1, edge)
+
+
+class _IndexGrid(NamedTuple):
+    """The reference's square of candidate ranks, cut into blocks (all dynamic int32)."""
+
+    edge: jax.Array
+    block: jax.Array
+    cut: int
+
+    @classmethod
+    def for_count(cls, num_candidates: jax.Array, cut: int) -> _IndexGrid:
+        # Clamped to 1 so that tiny counts (which fall back to uniform) never divide by zero.
+        edge = jnp.maximum(_round_sqrt(num_candidates), 1)
+        return cls(edge=edge, block=jnp.maximum(edge // cut, 1), cut=cut)
+
+    def stratum_of_rank(self, rank: jax.Array) -> jax.Array:
+        block_row = jnp.minimum((rank // self.edge) // self.block, self.cut - 1)
+        block_col = jnp.minimum((rank % self.edge) // self.block, self.cut - 1)
+        return block_row * self.cut + block_col
+
+    def _corner_and_width(self, stratum: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        block_row, block_col = stratum // self.cut, stratum % self.cut
+        first_col = block_col * self.block
+        last_col_end = jnp.where(block_col == self.cut - 1, self.edge, first_col + self.block)
+        width = jnp.maximum(jnp.minimum(last_col_end, self.edge) - first_col, 1)
+        return block_row * self.block, first_col, width
+
+    def rank_of(self, stratum: jax.Array, local_rank: jax.Array) -> jax.Array:
+        # Inside a block the present ranks are a prefix of its raster order (only the tail of
+        # the last square row can be missing), so the k-th one sits at row k // width.
+        first_row, first_col, width = self._corner_and_width(stratum)
+        return (first_row + local_rank // width) * self.edge + first_col + local_rank % width
+
+    def counts(self, num_candidates: jax.Array) -> jax.Array:
+        stratum = jnp.arange(self.cut * self.cut, dtype=jnp.int32)
+        first_row, first_col, width = self._corner_and_width(stratum)
+        block_row = stratum // self.cut
+        big = jnp.iinfo(jnp.int32).max
+        row_end = jnp.where(block_row == self.cut - 1, big, first_row + self.block)
+        full_rows, partial_cols = num_candidates // self.edge, num_candidates % self.edge
+        in_full_rows = width * jnp.clip(jnp.minimum(row_end, full_rows) - first_row, 0)
+        has_partial_row = (first_row <= full_rows) & (full_rows < row_end)
+        in_partial_row = jnp.where(has_partial_row, jnp.clip(partial_cols - first_col, 0, width), 0)
+        return in_full_rows + in_partial_row
+
+
+def _index_strata(candidate_cumsum: jax.Array, cut: int) -> _Strata:
+    num_candidates = candidate_cumsum[-1]
+    grid = _IndexGrid.for_count(num_candidates, cut)
+    return _Strata(
+        counts=grid.counts(num_candidates),
+        rank_of=grid.rank_of,
+        position_of=lambda rank: jnp.searchsorted(candidate_cumsum, rank, side="right"),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _spatial_cells(spatial_shape: tuple[int, ...], cut: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Static cell id of every flattened pixel, the cell-major order, and each cell's end in it."""
+    height, width = spatial_shape[-2:]
+    cell_rows = np.arange(height) * cut // height
+    cell_cols = np.arange(width) * cut // width
+    cell_2d = (cell_rows[:, None] * cut + cell_cols[None, :]).astype(np.int32)
+    cells = np.broadcast_to(cell_2d, spatial_shape).reshape(-1)
+    cell_major = np.argsort(cells, kind="stable").astype(np.int32)
+    cell_ends = np.cumsum(np.bincount(cells, minlength=cut * cut)).astype(np.int32)
+    for array in (cells, cell_major, cell_ends):
+        array.flags.writeable = False
+    return cells, cell_major, cell_ends
+
+
+def _spatial_strata(flat_mask: jax.Array, cut: int, spatial_shape: tuple[int, ...]) -> _Strata:
+    _, cell_major, cell_ends = _spatial_cells(spatial_shape, cut)
+    cumsum_cell_major = jnp.cumsum(flat_mask[cell_major], dtype=jnp.int32)
+    candidates_before_end = cumsum_cell_major[cell_ends - 1]
+    counts = jnp.diff(candidates_before_end, prepend=0)
+    offsets = candidates_before_end - counts
+    return _Strata(
+        counts=counts,
+        rank_of=lambda stratum, local_rank: offsets[stratum] + local_rank,
+        position_of=lambda rank: jnp.asarray(cell_major)[
+            jnp.searchsorted(cumsum_cell_major, rank, side="right")],
+    )
+
+
+def stratum_ids(mask: jax.Array, num_strata: int = 16, layout: str = "index",
+                spatial_shape: tuple[int, ...] | None = None) -> jax.Array:
+    """Stratum of every pixel of the flattened mask, in [0, G); non-candidates get G.
+
+    The same grouping `sample` uses, exposed for tests and variance studies.
+    """
+    cut = grid_cut(num_strata)
+    _check_choice("layout", layout, LAYOUTS)
+    mask = jnp.asarray(mask)
+    shape = _spatial_shape_for(mask.shape, layout, spatial_shape, cut)
+    _check_sizes(mask.size, 1, num_strata)
+    flat_mask = mask.reshape(-1).astype(bool)
+    if layout == "index":
+        candidate_cumsum = jnp.cumsum(flat_mask, dtype=jnp.int32)
+        grid = _IndexGrid.for_count(candidate_cumsum[-1], cut)
+        ids = grid.stratum_of_rank(candidate_cumsum - 1)
+    else:
+        ids = jnp.asarray(_spatial_cells(shape, cut)[0])
+    return jnp.where(flat_mask, ids, num_strata).astype(jnp.int32)
+
+
+def _proportional_quotas(counts: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """floor(n N_g / N) and its remainder n N_g - quota N (so the fraction is remainder / N).
+
+    Exact in int32: the float32 estimate is off by at most one, and the remainder check
+    n N_g - q N lies in (-N, 2N), which int32 wrap-around arithmetic gets right.
+    """
+    total = jnp.maximum(jnp.sum(counts), 1)
+    estimate = jnp.floor(jnp.float32(n) * counts.astype(jnp.float32) / total.astype(jnp.float32))
+    quota = estimate.astype(jnp.int32)
+    remainder = n * counts - quota * total
+    too_big, too_small = remainder < 0, remainder >= total
+    quota = quota - too_big + too_small
+    remainder = remainder + total * too_big - total * too_small
+    return quota, remainder
+
+
+def _slots_per_stratum(key: jax.Array, counts: jax.Array, n: int) -> jax.Array:
+    """Proportional allocation of n slots with randomized rounding (see the module docstring).
+
+    The leftover R = n - sum(quota) < G slots go to the strata hit by the points U + jN,
+    j < R, U uniform in [0, N), on the line where stratum g owns an interval of length
+    remainder_g < N: each is hit at most once, with probability remainder_g / N.
+    """
+    num_strata = counts.shape[0]
+    total = jnp.maximum(jnp.sum(counts), 1)
+    quota, remainder = _proportional_quotas(counts, n)
+    leftover = n - jnp.sum(quota)
+    start = jax.random.randint(key, (), 0, total)
+    points = start + jnp.arange(num_strata, dtype=jnp.int32) * total
+    hit = jnp.searchsorted(jnp.cumsum(remainder), points, side="right")
+    used = jnp.arange(num_strata) < leftover
+    extra = jnp.zeros(num_strata + 1, jnp.int32).at[jnp.where(used, hit, num_strata)].add(1)
+    return quota + extra[:num_strata]
+
+
+def _stratified_slots(key: jax.Array, counts: jax.Array, n: int,
+                      antithetic: bool) -> tuple[jax.Array, jax.Array]:
+    """Stratum and within-stratum rank of each of n slots, laid out contiguously per stratum.
+
+    Antithetic: within a stratum, the second slot of each pair takes the reflected rank
+    N_g - 1 - k of the first; an odd leftover slot draws on its own.
+    """
+    allocation_key, rank_key = jax.random.split(key)
+    slots = _slots_per_stratum(allocation_key, counts, n)
+    slot_ends = jnp.cumsum(slots)
+    slot = jnp.arange(n, dtype=jnp.int32)
+    stratum = jnp.searchsorted(slot_ends, slot, side="right").astype(jnp.int32)
+    stratum_size = jnp.maximum(counts[stratum], 1)
+    local_rank = jax.random.randint(rank_key, (n,), 0, stratum_size)
+    if antithetic:
+        position_in_stratum = slot - (slot_ends - slots)[stratum]
+        reflected_previous = stratum_size - 1 - jnp.roll(local_rank, 1)
+        local_rank = jnp.where(position_in_stratum % 2 == 1, reflected_previous, local_rank)
+    return stratum, local_rank
+
+
+def sample(key: jax.Array, mask: jax.Array, n: int, *, method: str, num_strata: int = 16,
+           layout: str = "index",
+           spatial_shape: tuple[int, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Draw n candidate pixels with replacement.
+
+    Args:
+      key: a jax.random key.
+      mask: boolean candidates, any static shape (non-bool is read as mask != 0).
+      n: number of samples (static).
+      method: 'uniform' (ReCo / ARCO-NS), 'sg' (stratified) or 'sag' (stratified antithetic).
+      num_strata: G, a perfect square; ignored by 'uniform'.
+      layout: 'index' (strata over candidate ranks, as the reference code) or 'spatial'
+        (a grid over the image plane, as the paper).
+      spatial_shape: (..., H, W) for the 'spatial' layout; defaults to mask.shape.
+
+    Returns:
+      indices: (n,) int32 into mask.reshape(-1), all candidates when valid, else all 0.
+      valid: bool scalar, whether the mask had at least one candidate (callers drop the
+        class otherwise).
+    """
+    _check_choice("method", method, SAMPLERS)
+    _check_choice("layout", layout, LAYOUTS)
+    cut = grid_cut(num_strata)
+    mask = jnp.asarray(mask)
+    shape = _spatial_shape_for(mask.shape, layout, spatial_shape, cut)
+    _check_sizes(mask.size, n, num_strata)
+
+    flat_mask = mask.reshape(-1).astype(bool)
+    candidate_cumsum = jnp.cumsum(flat_mask, dtype=jnp.int32)
+    num_candidates = candidate_cumsum[-1]
+    uniform_key, strata_key = jax.random.split(key)
+    uniform_rank = jax.random.randint(uniform_key, (n,), 0, jnp.maximum(num_candidates, 1))
+
+    if method == "uniform":
+        positions = jnp.searchsorted(candidate_cumsum, uniform_rank, side="right")
+    else:
+        if layout == "index":
+            strata = _index_strata(candidate_cumsum, cut)
+        else:
+            strata = _spatial_strata(flat_mask, cut, shape)
+        stratum, local_rank = _stratified_slots(
+            strata_key, strata.counts, n, antithetic=method == "sag")
+        # Any order of the candidates makes a uniform rank a uniform candidate, so the
+        # fallback can share the layout's rank -> position map.
+        rank = jnp.where(num_candidates >= num_strata,
+                         strata.rank_of(stratum, local_rank), uniform_rank)
+        positions = strata.position_of(rank)
+
+    valid = num_candidates > 0
+    return jnp.where(valid, positions, 0).astype(jnp.int32), valid
