@@ -1,0 +1,281 @@
+"""Tests for the on-device strong augmentation and the equivariance warps (tiny images)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage as scipy_ndimage
+
+from arco_jax import augment
+
+B, H, W = 4, 32, 40
+
+
+def _batch(key=0, batch=B, height=H, width=W):
+    k_img, k_lab, k_conf = jax.random.split(jax.random.PRNGKey(key), 3)
+    images = jax.random.uniform(k_img, (batch, height, width, 1))
+    labels = jax.random.randint(k_lab, (batch, height, width), 0, 4)
+    confidences = jax.random.uniform(k_conf, (batch, height, width))
+    return images, labels, confidences
+
+
+_STRONG = {warp_labels: jax.jit(functools.partial(augment.strong_augment,
+                                                 warp_labels=warp_labels, warp_prob=1.0))
+           for warp_labels in (False, True)}
+
+
+def _blob_labels(batch=B, height=H, width=W):
+    """Concentric rings 0..3, so most pixels lie well inside a region."""
+    rows, cols = np.mgrid[:height, :width]
+    radius = np.hypot(rows - height / 2, cols - width / 2)
+    rings = np.clip((radius / 5).astype(np.int32), 0, 3)
+    return jnp.asarray(np.broadcast_to(rings, (batch, height, width)).copy())
+
+
+# ----------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("warp_labels", [False, True])
+def test_strong_augment_is_a_function_of_the_key(warp_labels):
+    images, labels, confidences = _batch()
+    run = _STRONG[warp_labels]
+    first = run(jax.random.PRNGKey(7), images, labels, confidences)
+    again = run(jax.random.PRNGKey(7), images, labels, confidences)
+    other = run(jax.random.PRNGKey(8), images, labels, confidences)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], other[0])
+    assert first[0].shape == images.shape and first[0].dtype == images.dtype
+    assert first[1].shape == labels.shape and first[1].dtype == labels.dtype
+    assert first[2].shape == confidences.shape
+
+
+def test_strong_augment_without_label_warp_keeps_the_cutmix_labels():
+    images, labels, confidences = _batch()
+    key = jax.random.PRNGKey(3)
+    out = _STRONG[False](key, images, labels, confidences)
+    mix_key = jax.random.split(key, 4)[0]
+    _, mixed_labels, mixed_conf = augment.cutmix(mix_key, images, labels, confidences)
+    np.testing.assert_array_equal(out[1], mixed_labels)
+    np.testing.assert_array_equal(out[2], mixed_conf)
+    assert bool(jnp.all(jnp.isfinite(out[0])))
+
+
+# ----------------------------------------------------------------------------- cutmix
+
+def test_cutmix_pastes_the_partner_rectangle_into_all_three_arrays():
+    batch = 5
+    index = jnp.arange(batch)
+    # every pixel says which sample it came from, in all three arrays
+    images = jnp.broadcast_to(index[:, None, None, None] * 1.0, (batch, H, W, 1))
+    labels = jnp.broadcast_to(index[:, None, None], (batch, H, W)).astype(jnp.int32)
+    confidences = jnp.broadcast_to(index[:, None, None] / 10.0, (batch, H, W))
+    key = jax.random.PRNGKey(11)
+    out_images, out_labels, out_conf = jax.jit(augment.cutmix)(key, images, labels,
+                                                               confidences)
+    pasted = np.asarray(augment.cutmix_mask(key, batch, H, W))
+    expected = np.where(pasted, (np.arange(batch)[:, None, None] + 1) % batch,
+                        np.arange(batch)[:, None, None])
+    np.testing.assert_array_equal(out_images[..., 0], expected)
+    np.testing.assert_array_equal(out_labels, expected)
+    np.testing.assert_allclose(out_conf, expected / 10.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(32, 40), (33, 31), (64, 64)])
+def test_cutmix_mask_is_a_rectangle_of_half_the_area(height, width):
+    masks = np.asarray(jax.jit(augment.cutmix_mask, static_argnums=(1, 2, 3))(
+        jax.random.PRNGKey(5), 64, height, width))
+    widths = []
+    for mask in masks:
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box_h, box_w = len(rows), len(cols)
+        assert mask.sum() == box_h * box_w  # one solid rectangle
+        assert rows[-1] - rows[0] + 1 == box_h and cols[-1] - cols[0] + 1 == box_w
+        assert width / 2 < box_w < width
+        assert abs(box_h * box_w - height * width / 2) <= box_w / 2
+        widths.append(box_w)
+    assert len(set(widths)) > 3  # widths and positions actually vary
+
+
+# ----------------------------------------------------------------------------- intensity
+
+def test_intensity_jitter_is_brightness_times_contrast_about_the_mean():
+    # values in [0.2, 0.6] never reach the clip for factors in [0.75, 1.25]
+    ramp = jnp.linspace(0.2, 0.6, H * W).reshape(1, H, W, 1)
+    images = jnp.broadcast_to(ramp, (16, H, W, 1))
+    out = jax.jit(functools.partial(augment.intensity_jitter, p=1.0))(
+        jax.random.PRNGKey(2), images)
+    for x, y in zip(np.asarray(images).reshape(16, -1), np.asarray(out).reshape(16, -1)):
+        slope, intercept = np.polyfit(x, y, 1)
+        np.testing.assert_allclose(y, slope * x + intercept, atol=1e-5)
+        assert 0.75 ** 2 - 1e-4 <= slope <= 1.25 ** 2 + 1e-4
+        assert 0.75 - 1e-4 <= y.mean() / x.mean() <= 1.25 + 1e-4  # contrast keeps the mean
+    assert len({round(float(v), 4) for v in np.asarray(out).std(axis=(1, 2, 3))}) > 8
+
+
+def test_intensity_jitter_applies_to_about_half_and_stays_in_range():
+    images, _, _ = _batch(batch=200, height=8, width=8)
+    out = jax.jit(augment.intensity_jitter)(jax.random.PRNGKey(4), images)
+    changed = np.any(np.asarray(out) != np.asarray(images), axis=(1, 2, 3))
+    assert 0.35 < changed.mean() < 0.65
+    assert bool(jnp.all(jnp.isfinite(out))) and float(out.min()) >= 0 and float(out.max()) <= 1
+    np.testing.assert_array_equal(
+        jax.jit(functools.partial(augment.intensity_jitter, p=0.0))(
+            jax.random.PRNGKey(4), images), images)
+
+
+# ----------------------------------------------------------------------------- blur
+
+@pytest.mark.parametrize("sigma", [0.15, 0.6, 1.15])
+def test_gaussian_blur_matches_scipy_with_edge_padding(sigma):
+    images, _, _ = _batch()
+    blur = jax.jit(functools.partial(augment.gaussian_blur, p=1.0))
+    ours = blur(jax.random.PRNGKey(0), images, sigma_range=(sigma, sigma))
+    for b in range(B):
+        reference = scipy_ndimage.gaussian_filter(
+            np.asarray(images[b, ..., 0], np.float64), sigma, mode="nearest",
+            truncate=4.0 / sigma)  # a radius of 4 pixels, as the 9-tap kernel
+        np.testing.assert_allclose(ours[b, ..., 0], reference, atol=1e-5)
+
+
+def test_gaussian_blur_keeps_constants_and_the_mean_and_smooths():
+    blur = jax.jit(functools.partial(augment.gaussian_blur, p=1.0))
+    constant = jnp.full((B, H, W, 1), 0.37)
+    np.testing.assert_allclose(blur(jax.random.PRNGKey(0), constant), constant, atol=1e-6)
+    images, _, _ = _batch()
+    out = blur(jax.random.PRNGKey(1), images)
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), images.mean(axis=(1, 2, 3)),
+                               atol=5e-3)
+    assert bool(jnp.all(out.std(axis=(1, 2, 3)) < images.std(axis=(1, 2, 3))))
+    assert bool(jnp.all(jnp.isfinite(out))) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_gaussian_blur_applies_to_about_half():
+    images, _, _ = _batch(batch=200, height=8, width=8)
+    out = jax.jit(augment.gaussian_blur)(jax.random.PRNGKey(9), images)
+    changed = np.any(np.asarray(out) != np.asarray(images), axis=(1, 2, 3))
+    assert 0.35 < changed.mean() < 0.65
+
+
+# ----------------------------------------------------------------------------- smooth warp
+
+def test_smooth_warp_with_zero_magnitude_is_the_identity():
+    images, labels, confidences = _batch()
+    out = jax.jit(functools.partial(augment.smooth_warp, p=1.0, magnitude=0.0))(
+        jax.random.PRNGKey(0), images, labels, confidences)
+    np.testing.assert_allclose(out[0], images, atol=1e-6)
+    np.testing.assert_array_equal(out[1], labels)
+    np.testing.assert_array_equal(out[2], confidences)
+
+
+def test_smooth_warp_with_p_zero_returns_its_inputs_and_passes_none_through():
+    images, _, _ = _batch()
+    out = jax.jit(functools.partial(augment.smooth_warp, p=0.0))(jax.random.PRNGKey(0), images)
+    np.testing.assert_array_equal(out[0], images)
+    assert out[1] is None and out[2] is None
+
+
+def test_smooth_warp_moves_image_and_labels_together():
+    labels = _blob_labels()
+    one_hot = jax.nn.one_hot(labels, 4)  # labels as a 4-channel float image
+    confidences = labels / 10.0
+    warp = jax.jit(functools.partial(augment.smooth_warp, p=1.0, magnitude=4.0))
+    key = jax.random.PRNGKey(21)
+    warped_one_hot, warped_labels, warped_conf = warp(key, one_hot, labels, confidences)
+    assert set(np.unique(warped_labels)) <= set(np.unique(labels))
+    assert float(jnp.mean(warped_labels != labels)) > 0.02  # the warp did move things
+    agreement = jnp.mean(jnp.argmax(warped_one_hot, -1) == warped_labels)
+    assert float(agreement) > 0.97
+    # nearest sampling keeps each confidence with its own label
+    np.testing.assert_allclose(warped_conf, warped_labels / 10.0, rtol=1e-6)
+
+
+def test_smooth_displacement_is_small_smooth_and_invertible():
+    field = jax.jit(augment.smooth_displacement, static_argnums=(1, 2, 3),
+                    static_argnames=("grid_spacing",))
+    default = field(jax.random.PRNGKey(1), 2, 64, 64)
+    assert 0.1 < float(jnp.sqrt(jnp.mean(default ** 2))) < 4.0  # a few pixels at most
+    strong = np.asarray(field(jax.random.PRNGKey(1), 2, 64, 64, magnitude=8.0))
+    d_row_d_row, d_row_d_col = np.gradient(strong[..., 0], axis=(1, 2))
+    d_col_d_row, d_col_d_col = np.gradient(strong[..., 1], axis=(1, 2))
+    jacobian = (1 + d_row_d_row) * (1 + d_col_d_col) - d_row_d_col * d_col_d_row
+    assert np.abs(strong).max() > 2.0  # large enough for folding to be possible
+    assert jacobian.min() > 0  # scaling and squaring keeps the map invertible
+
+
+# ----------------------------------------------------------------------------- affine warps
+
+def _identity(batch=B):
+    return jnp.broadcast_to(jnp.array([[1.0, 0, 0], [0, 1, 0]]), (batch, 2, 3))
+
+
+def test_warp_affine_identity_mirror_and_rotation():
+    images, labels, _ = _batch(height=H, width=H)
+    warp_bilinear = jax.jit(functools.partial(augment.warp_affine, order=1))
+    warp_nearest = jax.jit(functools.partial(augment.warp_affine, order=0))
+    np.testing.assert_allclose(warp_bilinear(images, _identity()), images, atol=1e-5)
+    np.testing.assert_array_equal(warp_nearest(labels, _identity()), labels)
+
+    mirror = jnp.broadcast_to(jnp.array([[-1.0, 0, 0], [0, 1, 0]]), (B, 2, 3))
+    mirrored = warp_bilinear(images, mirror)
+    np.testing.assert_allclose(mirrored, images[:, :, ::-1], atol=1e-5)
+    np.testing.assert_allclose(warp_bilinear(mirrored, mirror), images, atol=1e-5)
+    np.testing.assert_array_equal(warp_nearest(warp_nearest(labels, mirror), mirror), labels)
+
+    quarter_turn = jnp.broadcast_to(jnp.array([[0.0, -1, 0], [1, 0, 0]]), (B, 2, 3))
+    np.testing.assert_allclose(warp_bilinear(images, quarter_turn),
+                               np.rot90(np.asarray(images), axes=(1, 2)), atol=1e-5)
+
+
+def test_warp_affine_pads_outside_with_cval():
+    images = jnp.ones((B, H, W, 3))
+    zoom_out = jnp.broadcast_to(jnp.array([[2.0, 0, 0], [0, 2, 0]]), (B, 2, 3))
+    out = np.asarray(augment.warp_affine(images, zoom_out, order=1))
+    rows, cols = np.mgrid[:H, :W]
+    x, y = 2 * (2 * cols / (W - 1) - 1), 2 * (2 * rows / (H - 1) - 1)
+    well_outside = (np.abs(x) > 1.2) | (np.abs(y) > 1.2)
+    well_inside = (np.abs(x) < 0.9) & (np.abs(y) < 0.9)
+    assert np.all(out[:, well_outside] == 0) and np.allclose(out[:, well_inside], 1)
+    labels = jnp.ones((B, H, W), jnp.int32)
+    warped = np.asarray(augment.warp_affine(labels, zoom_out, order=0, cval=-1))
+    assert np.all(warped[:, well_outside] == -1) and np.all(warped[:, well_inside] == 1)
+
+
+def test_resample_bilinear_blends_corners_with_zero_outside():
+    x = jnp.arange(12.0).reshape(1, 3, 4)
+    coords = jnp.array([[[[0.5, 0.5], [1.0, 2.0], [-0.5, 0.0], [1.0, 3.25]]]])
+    out = augment.resample(x, coords, order=1)
+    np.testing.assert_allclose(out[0, 0], [(0 + 1 + 4 + 5) / 4, 6.0, 0.5 * 0, 0.75 * 7],
+                               atol=1e-6)
+
+
+def test_random_similarity_draws_scaled_rotations_with_mirrors():
+    matrices = np.asarray(jax.jit(augment.random_similarity, static_argnums=1)(
+        jax.random.PRNGKey(0), 256))
+    linear = matrices[:, :, :2]
+    det = np.linalg.det(linear)
+    scale = np.sqrt(np.abs(det))
+    assert np.all(scale >= 1 / 1.2 - 1e-5) and np.all(scale <= 1 / 0.8 + 1e-5)
+    # a scaled rotation (or its mirror): orthogonal columns of equal length
+    np.testing.assert_allclose(np.einsum("bij,bik->bjk", linear, linear),
+                               scale[:, None, None] ** 2 * np.eye(2), atol=1e-5)
+    assert 0.3 < np.mean(det < 0) < 0.7
+    assert np.all(np.abs(matrices[:, :, 2]) <= 0.1 + 1e-6)
+    angles = np.degrees(np.arctan2(linear[:, 1, 0], linear[:, 1, 1]))
+    assert np.all(np.abs(angles) <= 60 + 1e-3) and np.abs(angles).max() > 45
+    unmirrored = augment.random_similarity(jax.random.PRNGKey(0), 64, mirror=False)
+    assert np.all(np.linalg.det(np.asarray(unmirrored)[:, :, :2]) > 0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_mismatched_shapes_are_reported():
+    images, labels, confidences = _batch()
+    with pytest.raises(ValueError, match="labels shape"):
+        augment.cutmix(jax.random.PRNGKey(0), images, labels[:, :-1], confidences)
+    with pytest.raises(ValueError, match="images of shape"):
+        augment.gaussian_blur(jax.random.PRNGKey(0), images[..., 0])
+    with pytest.raises(ValueError, match="matrices"):
+        augment.warp_affine(images, jnp.zeros((B, 3, 3)), order=1)
+    with pytest.raises(ValueError, match="order"):
+        augment.resample(images, jnp.zeros((B, H, W, 2)), order=3)
