@@ -1,0 +1,177 @@
+"""Grain input pipelines: weakly augmented labeled and unlabeled training streams.
+
+Each stream is a grain MapDataset chain
+
+  source -> shuffle(seed) -> repeat() -> random_map(weak_augment) -> [shard::count]
+         -> batch(per-process batch) -> to_iter_dataset -> mp_prefetch(workers)
+
+Why this order:
+- shuffle before repeat reshuffles every epoch (grain mixes the epoch into the seed);
+- the augmentation RNG is grain's, keyed by (seed, global element index), so an element's
+  augmentation does not depend on workers, processes or where a run was resumed;
+- sharding after shuffle/augment hands process p the global elements p, p + n, p + 2n, ...:
+  every process reads only its own slices, the union of the per-process batches of step t
+  is the global batch t of a one-process run, and even a tiny labeled set (23 slices) is
+  covered in full every epoch by all processes together.
+The iterator state is grain's (a small JSON-able dict), so `get_state`/`set_state` or
+`grain.checkpoint.CheckpointSave/Restore` resume the exact stream.
+
+Grain worker processes read absl flags; outside `absl.app.run` (tests, notebooks) the flags
+are unparsed, so workers > 0 marks them parsed first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+from scipy import ndimage
+
+from arco_jax.data import ssl4mis
+from arco_jax.data.ssl4mis import iterate_volumes  # noqa: F401  (the eval-side helper)
+
+ROTATE_FLIP_PROBABILITY = 0.5
+ROTATE_PROBABILITY = 0.5  # of the remaining half
+MAX_ROTATION_DEGREES = 20
+
+
+def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize as SSL4MIS does (scipy zoom, order 0), for image and label."""
+    if array.shape == tuple(size):
+        return array
+    factors = (size[0] / array.shape[0], size[1] / array.shape[1])
+    return ndimage.zoom(array, factors, order=0)
+
+
+def weak_augment(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, int],
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's per-sample weak augmentation, with the same transform on both arrays.
+
+    Resize to a square patch_size (nearest, image and label, first, as the reference); then
+    with p=.5 rot90 by a random k and a flip along a random axis; otherwise with p=.5 a
+    rotation by an integer angle in [-20, 20) degrees (nearest, corners filled with 0);
+    otherwise nothing.
+    """
+    image, label = resize_nearest(image, patch_size), resize_nearest(label, patch_size)
+    if rng.random() < ROTATE_FLIP_PROBABILITY:
+        k, axis = int(rng.integers(4)), int(rng.integers(2))
+        image = np.flip(np.rot90(image, k), axis)
+        label = np.flip(np.rot90(label, k), axis)
+    elif rng.random() < ROTATE_PROBABILITY:
+        angle = int(rng.integers(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
+        image = ndimage.rotate(image, angle, order=0, reshape=False)
+        label = ndimage.rotate(label, angle, order=0, reshape=False)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def _augment_element(element: dict, rng: np.random.Generator, *, patch_size: tuple[int, int],
+                     keep_label: bool) -> dict:
+    image, label = weak_augment(element["image"], element["label"], patch_size, rng)
+    out = {"image": image[..., None].astype(np.float32)}
+    if keep_label:
+        out["label"] = label.astype(np.int32)
+    return out
+
+
+def stream_seeds(seed: int, stream: int) -> tuple[int, int]:
+    """Independent (shuffle, augment) seeds of one stream, derived from the run seed."""
+    shuffle_seed, augment_seed = np.random.SeedSequence([seed, stream]).generate_state(2)
+    return int(shuffle_seed), int(augment_seed)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_stream(source: grain.sources.RandomAccessDataSource, *, global_batch_size: int,
+                patch_size: tuple[int, int], seed: int, stream: int = 0,
+                shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
+                read_threads: int = 2, prefetch_buffer: int = 4,
+                keep_label: bool = True) -> grain.IterDataset:
+    """An infinite stream of per-process batches from one slice source.
+
+    Yields dict(image (b, H, W, 1) float32[, label (b, H, W) int32]) with
+    b = global_batch_size / shard.shard_count and (H, W) = patch_size.
+    """
+    shard = shard if shard is not None else grain.sharding.ShardByJaxProcess()
+    if global_batch_size % shard.shard_count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by "
+                         f"{shard.shard_count} processes")
+    if len(patch_size) != 2 or patch_size[0] != patch_size[1]:
+        raise ValueError(f"patch_size must be square (rot90 keeps the shape), got {patch_size}")
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    shuffle_seed, augment_seed = stream_seeds(seed, stream)
+    augment = functools.partial(_augment_element, patch_size=tuple(patch_size),
+                                keep_label=keep_label)
+    ds = (grain.MapDataset.source(source)
+          .shuffle(seed=shuffle_seed)
+          .repeat()
+          .random_map(augment, seed=augment_seed))
+    ds = ds[shard.shard_index::shard.shard_count]
+    ds = ds.batch(global_batch_size // shard.shard_count, drop_remainder=True)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=prefetch_buffer))
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return ds
+
+
+class TrainStreams:
+    """The labeled and unlabeled training streams of one process, with one joint state.
+
+    next(streams) -> (labeled batch, unlabeled batch). `labeled` and `unlabeled` are grain
+    DatasetIterators (each checkpointable with grain.checkpoint.CheckpointSave/Restore);
+    get_state/set_state cover both at once.
+    """
+
+    def __init__(self, labeled: grain.IterDataset, unlabeled: grain.IterDataset):
+        self.labeled = iter(labeled)
+        self.unlabeled = iter(unlabeled)
+
+    def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        return self
+
+    def __next__(self) -> tuple[dict, dict]:
+        return next(self.labeled), next(self.unlabeled)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"labeled": self.labeled.get_state(), "unlabeled": self.unlabeled.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.labeled.set_state(state["labeled"])
+        self.unlabeled.set_state(state["unlabeled"])
+
+    def close(self) -> None:
+        for it in (self.labeled, self.unlabeled):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+def make_train_streams(root: str | os.PathLike, *, num_labeled_slices: int,
+                       labeled_batch_size: int, unlabeled_batch_size: int,
+                       patch_size: tuple[int, int], seed: int, num_classes: int = 4,
+                       shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
+                       unlabeled_with_labels: bool = False) -> TrainStreams:
+    """Labeled (first num_labeled_slices lines of train_slices.list) and unlabeled streams.
+
+    Batch sizes are global (over all processes); each process gets its share. The streams
+    use independent seeds derived from `seed`. Unlabeled batches carry no label unless
+    `unlabeled_with_labels` (for diagnostics only).
+    """
+    labeled_names, unlabeled_names = ssl4mis.split_labeled(root, num_labeled_slices)
+    common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count)
+    labeled = make_stream(ssl4mis.SliceSource(root, labeled_names, num_classes),
+                          global_batch_size=labeled_batch_size, stream=0, **common)
+    unlabeled = make_stream(ssl4mis.SliceSource(root, unlabeled_names, num_classes),
+                            global_batch_size=unlabeled_batch_size, stream=1,
+                            keep_label=unlabeled_with_labels, **common)
+    return TrainStreams(labeled, unlabeled)
