@@ -6,12 +6,13 @@ align_corners=True to the next level's size, concatenation with that level's map
 finest level a last bias-free 1x1 conv (no residual) maps the concatenation (496 channels
 for the UNet) to `output_dim`.
 
-The head is split so the last, full-resolution stage can be skipped: `coarse` stops one level
-short of full resolution, `fine` builds the dense map from there, and `fine_at_pixels`
-evaluates it only at chosen pixels by gathering the 4 bilinear neighbours. Everything after
-`coarse` is linear, so the two agree exactly at those pixels; contrastive losses that use a
-few hundred pixels need not build a (B, H, W, 496) map. For the same reason a region's mean
-representation is `output` of the region's mean last-stage input (`region_sums`).
+The head is split so the expensive stages can be skipped: `coarse` stops one level short of
+full resolution and before that level's fusion, `fine` builds the dense map from there, and
+`fine_at_pixels` evaluates it only at chosen pixels by gathering the 4 bilinear neighbours.
+Everything after `coarse` is linear, so the two agree exactly at those pixels; contrastive
+losses that use a few hundred pixels need not build a (B, H, W, 496) map, nor the dense
+480-channel fusion at half resolution. For the same reason a region's mean representation is
+`output` of the region's mean last-stage input (`region_sums`).
 
 1x1 convolutions are `nn.Dense` on the channel axis (the same maths and parameter count),
 which also lets `Projector` and `fine_at_pixels` work on (..., D) pixel vectors.
@@ -151,22 +152,28 @@ class FPNHead(nn.Module):
         return self.fuse[level](x) + x
 
     def coarse(self, features: Sequence[jax.Array]) -> jax.Array:
-        """All levels but the finest: the fused map at the second-finest resolution.
+        """All levels but the finest, stopping before the last fusion: (B, H/2, W/2, 480) for
+        the UNet, the concatenation that the second-finest 1x1 conv would fuse.
 
-        For the UNet: (B, H/2, W/2, 480).
+        That fusion (`W z + z`) is linear and is by far the head's largest dense cost (a
+        480x480 matmul at H/2), so it is applied after interpolation, to sampled pixels or
+        region means only (`fine_at_pixels`, `output`), or densely by `fine`.
         """
         self._check(features)
-        x = self._fuse(0, features[0].astype(self.dtype))
+        z = features[0].astype(self.dtype)
         for level in range(1, len(features) - 1):
             nxt = features[level].astype(self.dtype)
-            x = resize_bilinear_align_corners(x, nxt.shape[1:3])
-            x = self._fuse(level, jnp.concatenate([x, nxt], axis=-1))
-        return x
+            x = resize_bilinear_align_corners(self._fuse(level - 1, z), nxt.shape[1:3])
+            z = jnp.concatenate([x, nxt], axis=-1)
+        return z
+
+    def _last_fuse(self, z: jax.Array) -> jax.Array:
+        return self._fuse(len(self.feature_dims) - 2, z)
 
     def fine(self, coarse: jax.Array, finest: jax.Array) -> jax.Array:
-        """Dense last stage: upsample `coarse` to the finest map's size, concat, 1x1 conv."""
+        """Dense last stages: fuse `coarse`, upsample to the finest map's size, concat, 1x1 conv."""
         finest = finest.astype(self.dtype)
-        x = resize_bilinear_align_corners(coarse, finest.shape[1:3])
+        x = resize_bilinear_align_corners(self._last_fuse(coarse), finest.shape[1:3])
         return self.out(jnp.concatenate([x, finest], axis=-1))
 
     def fine_at_pixels(
@@ -177,9 +184,10 @@ class FPNHead(nn.Module):
         y: jax.Array,
         x: jax.Array,
     ) -> jax.Array:
-        """The last stage only at pixels (batch_idx, y, x) of the finest grid: (..., output_dim).
+        """The last stages only at pixels (batch_idx, y, x) of the finest grid: (..., output_dim).
 
-        Index arrays share one shape (...). Equals `fine(coarse, finest)[batch_idx, y, x]`.
+        Index arrays share one shape (...). Equals `fine(coarse, finest)[batch_idx, y, x]`:
+        interpolating and then fusing equals fusing and then interpolating (both linear).
         """
         finest = finest.astype(self.dtype)
         height, width = finest.shape[1:3]
@@ -189,7 +197,7 @@ class FPNHead(nn.Module):
         x0, x1, wx = x_lo[x], x_hi[x], x_frac[x].astype(self.dtype)[..., None]
         top = (1 - wx) * coarse[batch_idx, y0, x0] + wx * coarse[batch_idx, y0, x1]
         bottom = (1 - wx) * coarse[batch_idx, y1, x0] + wx * coarse[batch_idx, y1, x1]
-        upsampled = (1 - wy) * top + wy * bottom
+        upsampled = self._last_fuse((1 - wy) * top + wy * bottom)
         return self.out(jnp.concatenate([upsampled, finest[batch_idx, y, x]], axis=-1))
 
     def region_sums(
@@ -214,8 +222,10 @@ class FPNHead(nn.Module):
         return jnp.concatenate([up_sums, fine_sums], axis=-1), totals
 
     def output(self, x: jax.Array) -> jax.Array:
-        """The last 1x1 conv alone, on (..., D_in) last-stage inputs (e.g. region means)."""
-        return self.out(x)
+        """The last stages on (..., D_in) pixel-level inputs such as region means: the pending
+        fusion of the coarse part, then the last 1x1 conv."""
+        split = sum(self.feature_dims[:-1])
+        return self.out(jnp.concatenate([self._last_fuse(x[..., :split]), x[..., split:]], axis=-1))
 
     def at_pixels(
         self,

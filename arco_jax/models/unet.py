@@ -42,6 +42,21 @@ def uniform_fan_in(fan_in: int) -> Initializer:
     return init
 
 
+def conv3x3(features: int, in_channels: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
+    """3x3 'same' convolution with bias and PyTorch's default initialisation."""
+    fan_in = in_channels * 9
+    return nn.Conv(
+        features,
+        kernel_size=(3, 3),
+        padding=((1, 1), (1, 1)),
+        kernel_init=uniform_fan_in(fan_in),
+        bias_init=uniform_fan_in(fan_in),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
 class ConvBlock(nn.Module):
     """Two conv3x3-BN-LeakyReLU layers with dropout between them (rate 0 skips it)."""
 
@@ -53,17 +68,7 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         for layer in range(2):
-            fan_in = x.shape[-1] * 9
-            x = nn.Conv(
-                self.features,
-                kernel_size=(3, 3),
-                padding=((1, 1), (1, 1)),
-                kernel_init=uniform_fan_in(fan_in),
-                bias_init=uniform_fan_in(fan_in),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"conv{layer}",
-            )(x)
+            x = conv3x3(self.features, x.shape[-1], self.dtype, self.param_dtype, f"conv{layer}")(x)
             x = nn.BatchNorm(
                 use_running_average=not train,
                 momentum=BN_MOMENTUM,
@@ -169,15 +174,5 @@ class UNet(nn.Module):
             )
             decoder_maps.append(x)
 
-        fan_in = self.features[0] * 9
-        logits = nn.Conv(
-            self.num_classes,
-            kernel_size=(3, 3),
-            padding=((1, 1), (1, 1)),
-            kernel_init=uniform_fan_in(fan_in),
-            bias_init=uniform_fan_in(fan_in),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out_conv",
-        )(x)
+        logits = conv3x3(self.num_classes, self.features[0], self.dtype, self.param_dtype, "out_conv")(x)
         return logits.astype(jnp.float32), tuple(decoder_maps)

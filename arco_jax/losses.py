@@ -1,0 +1,115 @@
+"""The ARCO loss terms as pure functions of arrays (NHWC logits, integer label maps).
+
+Sampling, augmentation and the bookkeeping of banks live elsewhere (`sampling.py`,
+`augment.py`, `memory.py`); `objective.py` wires them together for one batch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+DICE_SMOOTH = 1e-5
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-pixel softmax cross-entropy, shape of `labels`."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """SSL4MIS Dice loss: 1 - Dice per class over the whole batch, squared denominators,
+    background included, averaged over classes."""
+    num_classes = logits.shape[-1]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=probs.dtype)
+    axes = tuple(range(probs.ndim - 1))
+    intersect = jnp.sum(probs * onehot, axis=axes)
+    denominator = jnp.sum(probs * probs, axis=axes) + jnp.sum(onehot * onehot, axis=axes)
+    dice = (2.0 * intersect + DICE_SMOOTH) / (denominator + DICE_SMOOTH)
+    return jnp.mean(1.0 - dice)
+
+
+def supervised_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
+    """CE + Dice on labeled images (equal weights, as the reference)."""
+    ce = jnp.mean(cross_entropy(logits, labels))
+    dice = dice_loss(logits, labels)
+    return ce + dice, {"sup_ce": ce, "sup_dice": dice}
+
+
+def pseudo_label_loss(logits: jax.Array, pseudo_labels: jax.Array, confidence: jax.Array,
+                      threshold: float) -> jax.Array:
+    """Confidence-weighted pseudo-label CE (reference `compute_unsupervised_loss`).
+
+    Each image is weighted by the fraction of its pixels whose teacher confidence reaches
+    `threshold`; the weighted CE is averaged over the pixels whose CE is positive.
+    """
+    batch = logits.shape[0]
+    weight = jnp.mean((confidence.reshape(batch, -1) >= threshold).astype(jnp.float32), axis=1)
+    ce = cross_entropy(logits, pseudo_labels)
+    counted = ~(ce <= 0)  # Also counts NaN, so a broken prediction cannot hide as a 0 loss.
+    weighted = weight[:, None, None] * ce
+    return jnp.sum(jnp.where(counted, weighted, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
+    """x / max(||x||, eps), the cosine-similarity normalisation of torch.cosine_similarity."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def info_nce(anchors: jax.Array, positive: jax.Array, negatives: jax.Array,
+             temperature: float) -> jax.Array:
+    """Mean over anchors of CE over cosine logits [positive, negatives] / tau, target positive.
+
+    anchors (n, D) carry the gradient; positive (D,) and negatives (n, m, D) are teacher
+    representations and are treated as constants.
+    """
+    a = l2_normalize(anchors)
+    p = jax.lax.stop_gradient(l2_normalize(positive))
+    neg = jax.lax.stop_gradient(l2_normalize(negatives))
+    pos_logit = a @ p
+    neg_logits = jnp.einsum("nd,nmd->nm", a, neg)
+    logits = jnp.concatenate([pos_logit[:, None], neg_logits], axis=1) / temperature
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+
+
+def class_average(per_class_loss: jax.Array, has_anchors: jax.Array, present: jax.Array) -> jax.Array:
+    """Average over the classes present in the batch, as the reference does.
+
+    A present class without anchors or negatives contributes 0 but still counts in the
+    denominator; with at most one class present the term is 0 (no contrast to learn).
+    """
+    num_present = jnp.sum(present)
+    total = jnp.sum(jnp.where(has_anchors & present, per_class_loss, 0.0))
+    return jnp.where(num_present > 1, total / jnp.maximum(num_present, 1), 0.0)
+
+
+def equivariance_loss(student_logits: jax.Array, target_logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked KL(softmax(target) || softmax(student)) per pixel, mean over pixels per image,
+    then over images. `target_logits` is a constant (the warped, detached prediction)."""
+    target = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
+    log_p_target = jax.nn.log_softmax(target, axis=-1)
+    log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_target) * (log_p_target - log_p_student), axis=-1)
+    mask = jax.lax.stop_gradient(mask.astype(jnp.float32))
+    per_image = jnp.sum(kl * mask, axis=(1, 2)) / (jnp.sum(mask, axis=(1, 2)) + 1e-7)
+    return jnp.mean(per_image)
+
+
+def nearest_neighbour_loss(student: jax.Array, teacher: jax.Array, pool: jax.Array, topk: int) -> jax.Array:
+    """L_nn with a gradient: neighbours are chosen by the teacher embedding, the loss is the
+    mean squared distance of the student embedding to them (inputs are L2-normalised rows).
+
+    The reference chooses neighbours with the student and measures the teacher, which gives
+    the student no gradient at all; the paper's ablation treats the term as active.
+    """
+    teacher_dist = 2.0 - 2.0 * jax.lax.stop_gradient(teacher) @ pool.T
+    _, neighbours = jax.lax.top_k(-teacher_dist, topk)
+    student_dist = 2.0 - 2.0 * student @ jax.lax.stop_gradient(pool).T
+    return jnp.mean(jnp.take_along_axis(student_dist, neighbours, axis=1))
+
+
+def entropy(probs: jax.Array) -> jax.Array:
+    """Per-pixel Shannon entropy of a probability map (last axis)."""
+    return -jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)

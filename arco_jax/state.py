@@ -1,0 +1,116 @@
+"""The train state (one pytree: student, teacher, optimizer, banks, rng) and how it starts."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from arco_jax import memory, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The Flax modules (static; parameters live in the TrainState)."""
+
+    segmenter: nn.Module
+    head: nn.Module
+    projector: nn.Module
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; saved whole by the checkpointer.
+
+    params: {'segmenter', 'head', 'projector'} of the student.
+    teacher: {'params': {'segmenter', 'head'}, 'batch_stats'}: the EMA teacher.
+    bad_step: -1 while every loss term stayed finite; otherwise the first step that was not
+      (the state is then frozen at the last good step so nothing good is overwritten).
+    """
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    teacher: dict
+    bank: memory.ClassBank
+    pool: memory.EmbeddingPool
+    rng: jax.Array
+    bad_step: jax.Array
+    bad_terms: jax.Array
+
+
+def build_networks(config: ml_collections.ConfigDict) -> Networks:
+    model_config = ml_collections.ConfigDict(config.model.to_dict())
+    model_config.num_classes = config.data.num_classes
+    return Networks(
+        segmenter=models.build_segmenter(model_config),
+        head=models.build_head(model_config),
+        projector=models.build_projector(model_config),
+    )
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD with Nesterov momentum, L2 weight decay added to the gradient (as torch.optim.SGD),
+    poly learning-rate decay lr0 (1 - t/T)^power."""
+    o = config.optim
+    schedule = optax.polynomial_schedule(
+        init_value=o.learning_rate, end_value=0.0, power=o.poly_power, transition_steps=config.train.steps)
+    return optax.chain(
+        optax.add_decayed_weights(o.weight_decay),
+        optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov),
+    )
+
+
+def learning_rate(config: ml_collections.ConfigDict, step) -> jax.Array:
+    o = config.optim
+    frac = jnp.clip(step / config.train.steps, 0.0, 1.0)
+    return o.learning_rate * (1.0 - frac) ** o.poly_power
+
+
+def bank_capacities(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    a = config.arco
+    return (a.bank_size_background,) + (a.bank_size,) * (config.data.num_classes - 1)
+
+
+def nn_embedding_dim(config: ml_collections.ConfigDict) -> int:
+    return config.model.rep_dim * config.arco.nn_grid ** 2
+
+
+def create_train_state(config: ml_collections.ConfigDict, nets: Networks,
+                       tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """Initialise the student; the teacher starts as an exact copy (segmenter and head)."""
+    h, w = config.data.patch_size
+    init_key, dropout_key, pool_key, state_key = jax.random.split(key, 4)
+    dummy = jnp.zeros((1, h, w, config.model.in_channels), jnp.float32)
+    variables = nets.segmenter.init({"params": init_key, "dropout": dropout_key}, dummy, train=False)
+    _, features = nets.segmenter.apply(variables, dummy, train=False)
+    head_params = nets.head.init(jax.random.fold_in(init_key, 1), features)["params"]
+    rep = jnp.zeros((1, config.model.rep_dim), jnp.float32)
+    projector_params = nets.projector.init(jax.random.fold_in(init_key, 2), rep)["params"]
+    params = {"segmenter": variables["params"], "head": head_params, "projector": projector_params}
+    batch_stats = variables.get("batch_stats", {})
+    teacher = {
+        "params": {"segmenter": params["segmenter"], "head": params["head"]},
+        "batch_stats": batch_stats,
+    }
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        teacher=jax.tree.map(jnp.copy, teacher),
+        bank=memory.init_class_bank(bank_capacities(config), config.model.rep_dim),
+        pool=memory.init_embedding_pool(pool_key, config.arco.nn_pool_size, nn_embedding_dim(config)),
+        rng=state_key,
+        bad_step=jnp.full((), -1, jnp.int32),
+        bad_terms=jnp.zeros((len(LOSS_TERM_NAMES),), bool),
+    )
+
+
+# Order of the loss terms in TrainState.bad_terms (and in the step's metrics).
+LOSS_TERM_NAMES = ("sup", "unsup", "contrast", "eqv", "nn", "grad")

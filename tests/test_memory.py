@@ -1,0 +1,138 @@
+"""Class banks and the embedding pool against a plain Python model of per-class ring buffers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from arco_jax import memory
+
+
+class RingModel:
+    """Per-class ring buffers written one row at a time: what push_class_bank must equal."""
+
+    def __init__(self, capacities, dim):
+        self.capacities = list(capacities)
+        self.keys = np.zeros((len(capacities), max(capacities), dim), np.float32)
+        self.pointer = [0] * len(capacities)
+        self.count = [0] * len(capacities)
+
+    def push(self, keys, valid):
+        for c, ok in enumerate(valid):
+            if not ok:
+                continue
+            for row in keys[c]:
+                self.keys[c, self.pointer[c]] = row
+                self.pointer[c] = (self.pointer[c] + 1) % self.capacities[c]
+                self.count[c] = min(self.count[c] + 1, self.capacities[c])
+
+
+def assert_bank_equals(bank: memory.ClassBank, model: RingModel):
+    np.testing.assert_array_equal(bank.keys, model.keys)
+    np.testing.assert_array_equal(bank.pointer, model.pointer)
+    np.testing.assert_array_equal(bank.count, model.count)
+    rows = np.arange(model.keys.shape[1])
+    np.testing.assert_array_equal(bank.filled, rows[None, :] < np.asarray(model.count)[:, None])
+
+
+def distinct_keys(step: int, num_classes: int, n: int, dim: int) -> np.ndarray:
+    """Keys whose values say (step, class, row), so any misplaced write shows."""
+    s, c, r, d = np.meshgrid(step + 1, np.arange(num_classes), np.arange(n), np.arange(dim), indexing="ij")
+    return (1000.0 * s + 100.0 * c + 10.0 * r + d)[0].astype(np.float32)
+
+
+def test_init_class_bank_is_empty_with_per_class_capacity():
+    bank = memory.init_class_bank((7, 4, 4), dim=3)
+    assert bank.keys.shape == (3, 7, 3) and bank.keys.dtype == jnp.float32
+    np.testing.assert_array_equal(bank.keys, 0.0)
+    np.testing.assert_array_equal(bank.pointer, 0)
+    np.testing.assert_array_equal(bank.count, 0)
+    np.testing.assert_array_equal(bank.capacity, [7, 4, 4])
+    assert not np.asarray(bank.filled).any()
+
+
+def test_push_class_bank_is_a_per_class_ring_buffer():
+    capacities, dim, n = (7, 4, 5), 2, 3
+    bank = memory.init_class_bank(capacities, dim)
+    model = RingModel(capacities, dim)
+    push = jax.jit(memory.push_class_bank)  # as it runs inside the train step
+    valid_per_step = [(True, True, True), (True, False, True), (True, True, False),
+                      (False, True, True), (True, True, True), (True, True, True)]
+    for step, valid in enumerate(valid_per_step):
+        keys = distinct_keys(step, len(capacities), n, dim)
+        bank = push(bank, jnp.asarray(keys), jnp.asarray(valid))
+        model.push(keys, valid)
+        assert_bank_equals(bank, model)
+    # The sequence wrapped every class around at least once and saturated its count.
+    np.testing.assert_array_equal(bank.count, capacities)
+    # Class 1 (capacity 4 < 7 rows) never wrote past its capacity.
+    np.testing.assert_array_equal(bank.keys[1, 4:], 0.0)
+
+
+def test_push_class_bank_wraps_pointer_and_saturates_count():
+    bank = memory.init_class_bank((5,), dim=1)
+    for step in range(3):
+        bank = memory.push_class_bank(bank, jnp.full((1, 2, 1), step + 1.0), jnp.array([True]))
+    # Writes: rows 0,1 <- 1; rows 2,3 <- 2; rows 4,0 <- 3.
+    np.testing.assert_array_equal(bank.keys[0, :, 0], [3.0, 1.0, 2.0, 2.0, 3.0])
+    assert int(bank.pointer[0]) == 1 and int(bank.count[0]) == 5
+
+
+def test_push_class_bank_leaves_skipped_classes_untouched():
+    bank = memory.init_class_bank((4, 4), dim=2)
+    bank = memory.push_class_bank(bank, jnp.ones((2, 3, 2)), jnp.array([True, True]))
+    before = jax.tree.map(np.asarray, bank)
+    after = memory.push_class_bank(bank, jnp.full((2, 3, 2), 9.0), jnp.array([False, True]))
+    np.testing.assert_array_equal(after.keys[0], before.keys[0])
+    assert int(after.pointer[0]) == int(before.pointer[0]) == 3
+    assert int(after.count[0]) == int(before.count[0]) == 3
+    np.testing.assert_array_equal(after.keys[1, [3, 0, 1]], 9.0)
+    np.testing.assert_array_equal(after.keys[1, 2], 1.0)
+
+
+def test_push_class_bank_with_no_valid_class_changes_nothing():
+    bank = memory.push_class_bank(memory.init_class_bank((3, 2), dim=2), jnp.ones((2, 2, 2)),
+                                  jnp.array([True, True]))
+    after = memory.push_class_bank(bank, jnp.full((2, 2, 2), 5.0), jnp.array([False, False]))
+    for new, old in zip(jax.tree.leaves(after), jax.tree.leaves(bank)):
+        np.testing.assert_array_equal(new, old)
+
+
+def test_push_class_bank_casts_keys_to_the_bank_dtype():
+    bank = memory.init_class_bank((4,), dim=2, dtype=jnp.bfloat16)
+    bank = memory.push_class_bank(bank, jnp.ones((1, 2, 2), jnp.float32), jnp.array([True]))
+    assert bank.keys.dtype == jnp.bfloat16
+
+
+def test_class_bank_is_a_pytree_for_jit_and_checkpoints():
+    bank = memory.init_class_bank((4, 2), dim=3)
+    leaves, treedef = jax.tree.flatten(bank)
+    assert len(leaves) == 4
+    rebuilt = jax.tree.unflatten(treedef, leaves)
+    assert isinstance(rebuilt, memory.ClassBank)
+
+
+def test_init_embedding_pool_rows_are_unit_random_and_reproducible():
+    pool = memory.init_embedding_pool(jax.random.key(0), size=6, dim=5)
+    assert pool.rows.shape == (6, 5) and int(pool.pointer) == 0
+    np.testing.assert_allclose(np.linalg.norm(pool.rows, axis=1), 1.0, rtol=1e-6)
+    assert np.linalg.matrix_rank(np.asarray(pool.rows)) == 5  # random directions, not a constant
+    again = memory.init_embedding_pool(jax.random.key(0), size=6, dim=5)
+    np.testing.assert_array_equal(pool.rows, again.rows)
+    other = memory.init_embedding_pool(jax.random.key(1), size=6, dim=5)
+    assert not np.allclose(pool.rows, other.rows)
+
+
+def test_push_embedding_pool_is_fifo_with_wrap_around():
+    pool = memory.init_embedding_pool(jax.random.key(2), size=5, dim=2)
+    expected = np.asarray(pool.rows).copy()
+    push = jax.jit(memory.push_embedding_pool)
+    pointer = 0
+    for step in range(4):
+        rows = np.full((3, 2), step + 1.0, np.float32) + np.arange(3, dtype=np.float32)[:, None] / 10
+        pool = push(pool, jnp.asarray(rows))
+        for row in rows:
+            expected[pointer] = row
+            pointer = (pointer + 1) % 5
+        np.testing.assert_array_equal(pool.rows, expected)
+        assert int(pool.pointer) == pointer
+    # 12 pushes into 5 rows: the last five written survive, the newest at pointer - 1.
+    np.testing.assert_allclose(pool.rows[:, 0], [4.1, 4.2, 3.1, 3.2, 4.0])
