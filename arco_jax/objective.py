@@ -197,6 +197,14 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     fwd = Forward(config, nets, params, state.teacher, state.batch_stats)
     num_labeled = batch.image_l.shape[0]
 
+    logits_l, features_l = fwd.student(batch.image_l, keys["student_l"])
+    zero = jnp.zeros((), jnp.float32)
+    terms = dict.fromkeys(("sup", "unsup", "contrast", "eqv", "nn"), zero)
+    terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l)
+    metrics = dict(sup_parts)
+    if not any(w[name] > 0 for name in ("unsup", "contrast", "eqv", "nn")):
+        return w.sup * terms["sup"], (terms, fwd.batch_stats, state.bank, None, metrics)  # Labeled-only.
+
     # Pseudo-labels from the teacher on the weak view, then the strong view of the same images.
     weak_logits, _ = fwd.teacher_net(batch.image_u, keys["teacher_weak"])
     weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
@@ -204,13 +212,7 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         keys["strong"], batch.image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32), jnp.max(weak_probs, -1))
     image_s, pseudo, confidence = augment.photometric_and_warp(
         jax.random.fold_in(keys["strong"], 1), mixed, pseudo, confidence, warp_labels=a.warp_pseudo_labels)
-
-    logits_l, features_l = fwd.student(batch.image_l, keys["student_l"])
     logits_u, features_u = fwd.student(image_s, keys["student_u"])
-    zero = jnp.zeros((), jnp.float32)
-    terms = dict.fromkeys(("sup", "unsup", "contrast", "eqv", "nn"), zero)
-    terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l)
-    metrics = dict(sup_parts)
     if w.unsup > 0:
         terms["unsup"] = losses.pseudo_label_loss(logits_u, pseudo, confidence, a.confidence_threshold)
     metrics["confident_fraction"] = jnp.mean(confidence >= a.confidence_threshold)

@@ -1,0 +1,223 @@
+"""Benchmarks: train-step time and peak memory, sampler calls, input-pipeline throughput.
+
+  python -m arco_jax.benchmark --out=benchmarks.json                 # the standard set
+  python -m arco_jax.benchmark --cases=step:256,unet:256 --repeats=5  # chosen cases
+
+Every case runs in its own subprocess, so its peak memory is its own (host: the process's
+maximum resident set; accelerators: the device's peak bytes in use). Times are the median of
+`repeats` calls after a first, compiling call whose time is reported apart. Each result
+names the machine, devices, versions and the config it measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+STANDARD_CASES = (
+    "step:128", "step:192", "step:256", "step:256:batch=2+2", "step:256:batch=8+8",
+    "unet:128", "unet:256",
+    "sampler:5233:256", "sampler:30000:131072",
+    "pipeline:256",
+)
+
+flags.DEFINE_string("cases", ",".join(STANDARD_CASES), "Comma-separated cases (see STANDARD_CASES).")
+flags.DEFINE_integer("repeats", 5, "Timed calls per case after the compiling call.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_string("one", "", "Run one case in this process and print its JSON (used internally).")
+FLAGS = flags.FLAGS
+
+
+def environment() -> dict:
+    import jax
+
+    devices = jax.devices()
+    return {
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind, "device_count": len(devices),
+        "python": platform.python_version(), "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def _peak_memory_bytes() -> int:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB.
+
+
+def _time_calls(fn, repeats: int) -> tuple[float, list[float]]:
+    """(first call seconds, the following calls' seconds); fn must block until done."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def _parse(case: str) -> tuple[str, list[str], dict]:
+    kind, *rest = case.split(":")
+    options = dict(part.split("=", 1) for part in rest if "=" in part)
+    return kind, [part for part in rest if "=" not in part], options
+
+
+def _acdc_config(size: int, batch: str | None, terms: str):
+    from configs import acdc
+
+    config = acdc.get_config()
+    config.data.dataset = "phantom"  # Shapes are all that matters here; validation needs no data dir.
+    config.data.patch_size = (size, size)
+    if batch:
+        labeled, unlabeled = (int(b) for b in batch.split("+"))
+        config.data.batch_labeled, config.data.batch_unlabeled = labeled, unlabeled
+    if terms == "sup":
+        for term in ("unsup", "contrast", "eqv", "nn"):
+            config.loss_weights[term] = 0.0
+    return config
+
+
+def run_step_case(size: int, batch: str | None, terms: str, repeats: int) -> dict:
+    """The full ARCO stage-2 step ('step') or the plain supervised UNet step ('unet')."""
+    import jax
+    import numpy as np
+
+    from arco_jax import parallel
+    from arco_jax.config import validate
+    from arco_jax.objective import Batch
+    from arco_jax.state import build_networks, build_optimizer, create_train_state
+    from arco_jax.step import make_train_step
+
+    config = _acdc_config(size, batch, terms)
+    if terms == "sup":  # The plain UNet step: one batch of labeled images, CE + Dice.
+        config.data.batch_labeled = config.data.batch_labeled + config.data.batch_unlabeled
+    mesh = parallel.make_mesh()
+    validate(config, device_count=mesh.size)
+    nets, tx = build_networks(config), build_optimizer(config)
+    replicated = parallel.replicated(mesh)
+    state = jax.jit(lambda key: create_train_state(config, nets, tx, key), out_shardings=replicated)(
+        jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    d = config.data
+    local = {
+        "image_l": rng.random((d.batch_labeled, size, size, 1), np.float32),
+        "label_l": rng.integers(0, d.num_classes, (d.batch_labeled, size, size), np.int32),
+        "image_u": rng.random((d.batch_unlabeled, size, size, 1), np.float32),
+    }
+    batch_arrays = Batch(**parallel.global_batch(mesh, local))
+    step = jax.jit(make_train_step(config, nets, tx), in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+    holder = {"state": state}
+
+    def call():
+        holder["state"], metrics = step(holder["state"], batch_arrays)
+        jax.block_until_ready(metrics)
+
+    first, times = _time_calls(call, repeats)
+    return {"size": size, "batch": f"{d.batch_labeled}+{d.batch_unlabeled if terms != 'sup' else 0}",
+            "terms": "all" if terms != "sup" else "sup", "sampler": config.arco.sampler,
+            "rep_dim": config.model.rep_dim, "num_anchors": config.arco.num_anchors,
+            "num_negatives": config.arco.num_negatives, "compile_plus_first_s": first,
+            "median_s": statistics.median(times), "times_s": times, "peak_memory_bytes": _peak_memory_bytes()}
+
+
+def run_sampler_case(num_candidates: int, num_samples: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from arco_jax import sampling
+
+    mask = jnp.ones((num_candidates,), bool)
+    results = {}
+    for method in sampling.SAMPLERS:
+        fn = jax.jit(lambda key, m, method=method: sampling.sample(key, m, num_samples, method=method))
+        keys = iter(jax.random.split(jax.random.PRNGKey(0), repeats + 1))
+        first, times = _time_calls(lambda: jax.block_until_ready(fn(next(keys), mask)), repeats)
+        results[method] = {"compile_plus_first_s": first, "median_s": statistics.median(times)}
+    return {"num_candidates": num_candidates, "num_samples": num_samples, "methods": results}
+
+
+def run_pipeline_case(size: int, repeats: int) -> dict:
+    """Slices per second of the training input pipeline (phantom data resized to `size`)."""
+    import tempfile
+
+    from arco_jax.data import phantom, pipeline
+
+    with tempfile.TemporaryDirectory() as cache:
+        root = phantom.ensure_phantom(cache, splits=(20, 1, 1), image_size=size, slices=(6, 10), seed=0)
+        streams = pipeline.make_train_streams(root, num_labeled_slices=52, labeled_batch_size=4,
+                                              unlabeled_batch_size=4, patch_size=(size, size), seed=0)
+        batches = max(20, repeats * 10)
+        next(streams)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(streams)
+        elapsed = time.perf_counter() - start
+        streams.close()
+    return {"size": size, "workers": 0, "slices_per_s": batches * 8 / elapsed}
+
+
+def run_case(case: str, repeats: int) -> dict:
+    kind, args, options = _parse(case)
+    if kind in ("step", "unet"):
+        result = run_step_case(int(args[0]), options.get("batch"), "all" if kind == "step" else "sup", repeats)
+    elif kind == "sampler":
+        result = run_sampler_case(int(args[0]), int(args[1]), repeats)
+    elif kind == "pipeline":
+        result = run_pipeline_case(int(args[0]), repeats)
+    else:
+        raise ValueError(f"unknown benchmark case {case!r}; known kinds: step, unet, sampler, pipeline")
+    return {"case": case, "kind": kind, **result, "environment": environment()}
+
+
+def run_in_subprocess(case: str, repeats: int) -> dict:
+    command = [sys.executable, "-m", "arco_jax.benchmark", f"--one={case}", f"--repeats={repeats}"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"case": case, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summary_line(result: dict) -> str:
+    if "error" in result:
+        return f"{result['case']:<24} FAILED: {result['error']}"
+    if result["kind"] in ("step", "unet"):
+        return (f"{result['case']:<24} {result['median_s']:8.3f} s/step  compile+first "
+                f"{result['compile_plus_first_s']:6.1f} s  peak {result['peak_memory_bytes'] / 2**30:6.2f} GiB")
+    if result["kind"] == "sampler":
+        times = "  ".join(f"{m} {r['median_s'] * 1e3:7.2f} ms" for m, r in result["methods"].items())
+        return f"{result['case']:<24} {times}"
+    return f"{result['case']:<24} {result['slices_per_s']:8.1f} slices/s"
+
+
+def main(argv):
+    del argv
+    if FLAGS.one:
+        print(json.dumps(run_case(FLAGS.one, FLAGS.repeats)))
+        return
+    results = []
+    for case in filter(None, FLAGS.cases.split(",")):
+        result = run_in_subprocess(case, FLAGS.repeats)
+        print(summary_line(result), flush=True)
+        results.append(result)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,29 @@
+"""The benchmark module runs its cases and reports what it measured (no timing asserts)."""
+import pytest
+
+from arco_jax import benchmark
+
+
+def test_sampler_case_times_every_sampler():
+    result = benchmark.run_case("sampler:500:64", repeats=2)
+    assert set(result["methods"]) == {"uniform", "sg", "sag"}
+    for timing in result["methods"].values():
+        assert timing["median_s"] > 0 and timing["compile_plus_first_s"] >= timing["median_s"]
+    assert result["environment"]["jax"] and result["environment"]["device_count"] >= 1
+    assert "sampler:500:64" in benchmark.summary_line(result)
+
+
+def test_pipeline_case_reports_throughput():
+    result = benchmark.run_case("pipeline:32", repeats=1)
+    assert result["slices_per_s"] > 0
+    assert "slices/s" in benchmark.summary_line(result)
+
+
+def test_unknown_case_is_an_error():
+    with pytest.raises(ValueError, match="unknown benchmark case"):
+        benchmark.run_case("warp:64", repeats=1)
+
+
+def test_failed_subprocess_case_is_reported_not_raised():
+    result = benchmark.run_in_subprocess("warp:64", repeats=1)
+    assert "error" in result and "FAILED" in benchmark.summary_line(result)
