@@ -222,7 +222,7 @@ def _check_finite(state: TrainState, checkpoint_dir: Path) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train (resuming from the workdir's latest checkpoint if any), select on val, report test."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # Orbax needs absolute paths; users type relative ones.
     _console()
     mesh = parallel.make_mesh()
     validate(config, device_count=mesh.size)
