@@ -1,0 +1,172 @@
+"""Load a trained segmenter from a workdir, for evaluation and prediction after training.
+
+A workdir written by `train.train_and_evaluate` holds `config.json` and two Orbax checkpoint
+directories: `checkpoints/last` (the latest states) and `checkpoints/best` (the best by
+validation Dice). Both save the whole TrainState, so restoring needs its structure: it is
+built abstractly (`jax.eval_shape`, nothing is computed or allocated) from the saved config,
+with every leaf placed on this machine's first device, so a checkpoint written on several
+GPUs or TPU hosts restores on one CPU. Only the evaluated network's segmenter variables are
+kept (student or teacher, as `config.eval.model` says); optimizer state and banks are dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from arco_jax import evaluation
+from arco_jax.state import TrainState, build_networks, build_optimizer, create_train_state
+
+CHECKPOINT_KINDS = ("best", "last")
+CONFIG_FILE = "config.json"
+
+
+class WorkdirError(ValueError):
+    """A workdir, its config or the requested checkpoint is missing or unusable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A restored segmenter ready for inference.
+
+    checkpoint: what was asked for ('best', 'last' or a step number as text);
+    directory: the checkpoint directory it came from ('best' or 'last'); step: the saved step.
+    predict_logits: jitted, float32 images (N, h, w, in_channels) -> logits (N, h, w, C),
+    eval mode (no dropout, running BatchNorm statistics).
+    """
+
+    config: ml_collections.ConfigDict
+    checkpoint: str
+    directory: str
+    step: int
+    predict_logits: Callable[[np.ndarray], jax.Array]
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.config.data.patch_size)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.data.num_classes)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.config.data.class_names)
+
+    def predict_volume(self, image: np.ndarray) -> np.ndarray:
+        """Label map (D, H, W) of a preprocessed volume (D, H, W), by the SSL4MIS slice protocol."""
+        return evaluation.predict_volume(
+            lambda x: np.asarray(self.predict_logits(x)), image, self.patch_size,
+            slice_batch_size=int(self.config.eval.slice_batch_size))
+
+
+def _check_workdir(workdir: Path) -> None:
+    if not workdir.is_dir():
+        raise WorkdirError(f"workdir {workdir} does not exist or is not a directory")
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The run's config, as train_and_evaluate wrote it to <workdir>/config.json."""
+    workdir = Path(workdir)
+    _check_workdir(workdir)
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        raise WorkdirError(f"{path} is missing: not a workdir written by arco_jax training")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WorkdirError(f"{path} is not valid JSON ({err})") from err
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def checkpoint_steps(workdir: str | Path) -> dict[str, list[int]]:
+    """Saved steps under checkpoints/best and checkpoints/last (empty lists when absent)."""
+    workdir = Path(workdir)
+    steps = {}
+    for kind in CHECKPOINT_KINDS:
+        directory = workdir / "checkpoints" / kind
+        if directory.is_dir():
+            manager = _manager(directory)
+            steps[kind] = sorted(manager.all_steps())
+            manager.close()
+        else:
+            steps[kind] = []
+    return steps
+
+
+def _available(steps: dict[str, list[int]]) -> str:
+    return "; ".join(f"{kind}: {values if values else 'none'}" for kind, values in steps.items())
+
+
+def resolve_checkpoint(workdir: str | Path, checkpoint: str | int = "best") -> tuple[str, int]:
+    """(directory 'best' or 'last', step) for 'best', 'last' or a step number.
+
+    A step number is looked up in 'last' first, then in 'best' (the best state may be older
+    than every kept 'last' state).
+    """
+    workdir = Path(workdir)
+    _check_workdir(workdir)
+    steps = checkpoint_steps(workdir)
+    text = str(checkpoint).strip()
+    if text in CHECKPOINT_KINDS:
+        if not steps[text]:
+            raise WorkdirError(f"{workdir / 'checkpoints' / text} holds no checkpoint "
+                               f"(available: {_available(steps)})")
+        return text, steps[text][-1]
+    if not text.isdigit():
+        raise WorkdirError(f"checkpoint={checkpoint!r}: expected 'best', 'last' or a step number")
+    step = int(text)
+    for kind in ("last", "best"):
+        if step in steps[kind]:
+            return kind, step
+    raise WorkdirError(f"{workdir / 'checkpoints'} has no checkpoint at step {step} "
+                       f"(available: {_available(steps)})")
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+    """Shapes, dtypes and a one-device placement of every TrainState leaf; nothing allocated."""
+    nets = build_networks(config)
+    init = functools.partial(create_train_state, config, nets, build_optimizer(config))
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
+
+
+def segmenter_variables(state: TrainState, model: str) -> dict:
+    """The Flax variables of the student's or the EMA teacher's segmenter."""
+    if model == "teacher":
+        return {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}
+    if model == "student":
+        return {"params": state.params["segmenter"], "batch_stats": state.batch_stats}
+    raise WorkdirError(f"config eval.model={model!r} is not 'student' or 'teacher'")
+
+
+def load_model(workdir: str | Path, checkpoint: str | int = "best") -> TrainedModel:
+    """Restore the segmenter of a trained run ('best', 'last' or a step number)."""
+    workdir = Path(workdir)
+    config = read_config(workdir)
+    directory, step = resolve_checkpoint(workdir, checkpoint)
+    target = abstract_train_state(config)
+    manager = _manager(workdir / "checkpoints" / directory)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise WorkdirError(f"{workdir / 'checkpoints' / directory / str(step)} cannot be restored as the "
+                           f"TrainState of {workdir / CONFIG_FILE} ({err})") from err
+    finally:
+        manager.close()
+    variables = segmenter_variables(restored["state"], config.eval.model)
+    segmenter = build_networks(config).segmenter
+    apply = jax.jit(lambda v, images: segmenter.apply(v, images, train=False)[0])
+    return TrainedModel(config=config, checkpoint=str(checkpoint), directory=directory, step=step,
+                        predict_logits=functools.partial(apply, variables))

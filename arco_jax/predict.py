@@ -1,0 +1,277 @@
+"""Segment NIfTI or SSL4MIS h5 volumes with a trained run.
+
+  python -m arco_jax.predict --workdir=runs/acdc_sg_7 --input=scan.nii.gz --output=preds
+      [--checkpoint=best] [--png]
+
+--input is one file or a folder of them (not recursive; other files are ignored):
+* NIfTI (.nii, .nii.gz), 3-D: the array is (x, y, z) in NIfTI voxel order. It is turned into
+  the SSL4MIS h5 layout, (z, y, x), which is what SimpleITK's GetArrayFromImage gives for the
+  same file and what the SSL4MIS ACDC conversion stored, so slices reach the network in the
+  orientation it was trained on (ACDC short-axis slices run along z). Written back as
+  <name>_pred.nii.gz: a uint8 label map with the input's affine and header (data type uint8,
+  no intensity scaling, intent 'label'), so any viewer overlays it on the scan.
+* SSL4MIS h5 with an `image` dataset (D, H, W): written as <name>_pred.h5, dataset `label`.
+Preprocessing is training's: per-volume min-max to [0, 1] (a no-op on SSL4MIS h5, which are
+stored normalised), each slice resized to the patch size (nearest), predicted, argmaxed and
+resized back (nearest). --png adds per-slice overlays in <output>/<name>_png/.
+
+Every check that needs no voxel data (readable file, 3-D) runs on all inputs before the model
+is restored, so a bad file in a folder fails in a second, naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from arco_jax import inference
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+H5_SUFFIX = ".h5"
+SUFFIXES = (*NIFTI_SUFFIXES, H5_SUFFIX)
+PRED_SUFFIX = "_pred"
+# Overlay colours of classes 1, 2, 3, ... (ACDC: RV red, myocardium green, LV blue), cycled.
+PALETTE = np.array([(230, 60, 60), (60, 200, 80), (70, 130, 240), (240, 200, 40), (200, 80, 220),
+                    (60, 210, 210)], dtype=np.float32)
+FILL_OPACITY = 0.4
+MIN_PNG_SIZE = 256  # Small slices are enlarged (nearest) by an integer factor to at least this.
+
+
+class InputError(ValueError):
+    """A scan that cannot be segmented: unreadable, not 3-D, or with unusable intensities."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """One input volume. volume: float32 (z, y, x) raw intensities; nifti: the loaded image
+    whose affine and header the prediction keeps (None for h5)."""
+
+    path: Path
+    name: str
+    volume: np.ndarray
+    nifti: nib.Nifti1Image | nib.Nifti2Image | None = None
+
+
+def scan_name(path: Path) -> str | None:
+    """File name without its scan suffix ('case.nii.gz' -> 'case'); None if not a scan."""
+    for suffix in SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def list_scans(input_path: str | Path) -> list[Path]:
+    """The scan files of a file or folder argument, sorted; errors name the path."""
+    input_path = Path(input_path)
+    wanted = ", ".join(SUFFIXES)
+    if input_path.is_dir():
+        paths = sorted(p for p in input_path.iterdir() if p.is_file() and scan_name(p))
+        if not paths:
+            raise InputError(f"{input_path} holds no {wanted} files")
+    elif input_path.is_file():
+        if scan_name(input_path) is None:
+            raise InputError(f"{input_path} is not a scan: expected a {wanted} file")
+        paths = [input_path]
+    else:
+        raise InputError(f"{input_path} does not exist")
+    names: dict[str, Path] = {}
+    for path in paths:
+        other = names.setdefault(scan_name(path), path)
+        if other != path:
+            raise InputError(f"{other} and {path} would both be written as {scan_name(path)}{PRED_SUFFIX}")
+    return paths
+
+
+def _load_nifti(path: Path):
+    try:
+        image = nib.load(path)
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, gzip errors).
+        raise InputError(f"{path}: cannot be read as NIfTI ({type(err).__name__}: {err})") from err
+    if len(image.shape) != 3:
+        hint = " (a 4-D cine: pass one frame)" if len(image.shape) == 4 else ""
+        raise InputError(f"{path}: a 3-D volume is needed, the NIfTI has shape {image.shape}{hint}")
+    return image
+
+
+def _h5_image_shape(path: Path) -> tuple[int, ...]:
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise InputError(f"{path}: dataset 'image' is missing (found {sorted(f.keys())})")
+            shape = f["image"].shape
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
+    if len(shape) != 3:
+        raise InputError(f"{path}: 'image' must be a 3-D volume (D, H, W), has shape {shape}")
+    return shape
+
+
+def check_scan(path: Path) -> None:
+    """Header-only checks: the file opens and holds a 3-D volume."""
+    if path.name.endswith(H5_SUFFIX):
+        _h5_image_shape(path)
+    else:
+        _load_nifti(path)
+
+
+def read_scan(path: Path) -> Scan:
+    """The volume in (z, y, x) order, float32, finite; errors name the file."""
+    if path.name.endswith(H5_SUFFIX):
+        _h5_image_shape(path)
+        try:
+            with h5py.File(path, "r") as f:
+                raw = f["image"][()]
+        except OSError as err:
+            raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
+        if not np.issubdtype(raw.dtype, np.number):
+            raise InputError(f"{path}: 'image' has non-numeric dtype {raw.dtype}")
+        volume, nifti = raw.astype(np.float32), None
+    else:
+        nifti = _load_nifti(path)
+        try:
+            volume = np.transpose(nifti.get_fdata(dtype=np.float32), (2, 1, 0))
+        except Exception as err:  # A truncated or corrupt data block only shows here.
+            raise InputError(f"{path}: the voxel data cannot be read ({type(err).__name__}: {err})") from err
+    if not np.isfinite(volume).all():
+        count = int(np.count_nonzero(~np.isfinite(volume)))
+        raise InputError(f"{path}: {count} voxels have non-finite intensities (NaN or Inf)")
+    if min(volume.shape) < 1:
+        raise InputError(f"{path}: the volume is empty, shape {volume.shape}")
+    return Scan(path=path, name=scan_name(path), volume=volume, nifti=nifti)
+
+
+def normalize(volume: np.ndarray, path: Path) -> np.ndarray:
+    """Per-volume min-max to [0, 1], as the SSL4MIS conversion did before training."""
+    low, high = float(volume.min()), float(volume.max())
+    if high <= low:
+        raise InputError(f"{path}: every voxel has intensity {low}; nothing to segment")
+    return ((volume - low) / (high - low)).astype(np.float32)
+
+
+def write_nifti(scan: Scan, labels: np.ndarray, path: Path, num_classes: int) -> None:
+    """Labels (z, y, x) as a NIfTI on the scan's grid: same affine, qform and sform."""
+    header = scan.nifti.header.copy()
+    header.set_data_dtype(np.uint8)
+    image = type(scan.nifti)(np.transpose(labels, (2, 1, 0)).astype(np.uint8), scan.nifti.affine, header)
+    image.header.set_slope_inter(1.0, 0.0)
+    image.header["cal_min"], image.header["cal_max"] = 0, num_classes - 1  # display window = labels
+    image.header.set_intent("label")
+    nib.save(image, path)
+
+
+def write_h5(labels: np.ndarray, path: Path, source: Path, step: int) -> None:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("label", data=labels.astype(np.uint8), compression="gzip", compression_opts=1)
+        f.attrs["source"] = source.name
+        f.attrs["checkpoint_step"] = step
+
+
+def _boundary(labels: np.ndarray) -> np.ndarray:
+    """Foreground pixels with a face neighbour of another label (the inner contour)."""
+    horizontal = labels[:, :-1] != labels[:, 1:]
+    vertical = labels[:-1, :] != labels[1:, :]
+    edge = np.zeros(labels.shape, bool)
+    edge[:, :-1] |= horizontal
+    edge[:, 1:] |= horizontal
+    edge[:-1, :] |= vertical
+    edge[1:, :] |= vertical
+    return edge & (labels > 0)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """RGB uint8 picture of one slice: grayscale image in [0, 1], translucent class fills,
+    opaque class contours; enlarged so small slices stay readable."""
+    factor = max(1, -(-MIN_PNG_SIZE // max(image.shape)))
+    image = np.kron(image, np.ones((factor, factor), np.float32))
+    labels = np.kron(labels, np.ones((factor, factor), labels.dtype))
+    rgb = np.repeat(np.clip(image, 0.0, 1.0)[..., None] * 255.0, 3, axis=-1)
+    colors = PALETTE[(np.maximum(labels, 1) - 1) % len(PALETTE)]
+    fill = (labels > 0)[..., None]
+    rgb = np.where(fill, (1 - FILL_OPACITY) * rgb + FILL_OPACITY * colors, rgb)
+    rgb = np.where(_boundary(labels)[..., None], colors, rgb)
+    return np.round(rgb).astype(np.uint8)
+
+
+def write_overlays(image: np.ndarray, labels: np.ndarray, directory: Path) -> list[Path]:
+    """One PNG per (y, x) slice of the (z, y, x) volume: slice_000.png, ..."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (image_slice, label_slice) in enumerate(zip(image, labels)):
+        path = directory / f"slice_{index:03d}.png"
+        Image.fromarray(overlay(image_slice, label_slice)).save(path)
+        paths.append(path)
+    return paths
+
+
+def predict_scan(model: inference.TrainedModel, path: Path, output_dir: Path, png: bool = False) -> list[Path]:
+    """Segment one scan; returns the files written (prediction first, then any PNGs)."""
+    scan = read_scan(path)
+    image = normalize(scan.volume, path)
+    labels = model.predict_volume(image)
+    if scan.nifti is not None:
+        written = output_dir / f"{scan.name}{PRED_SUFFIX}.nii.gz"
+        write_nifti(scan, labels, written, model.num_classes)
+    else:
+        written = output_dir / f"{scan.name}{PRED_SUFFIX}{H5_SUFFIX}"
+        write_h5(labels, written, path, model.step)
+    pngs = write_overlays(image, labels, output_dir / f"{scan.name}_png") if png else []
+    return [written, *pngs]
+
+
+def predict(workdir: str | Path, input_path: str | Path, output_dir: str | Path,
+            checkpoint: str | int = "best", png: bool = False) -> list[Path]:
+    """Segment a scan or a folder of scans with a trained run; returns the files written."""
+    paths = list_scans(input_path)
+    for path in paths:
+        check_scan(path)
+    model = inference.load_model(workdir, checkpoint)
+    if model.num_classes > 256:
+        raise inference.WorkdirError(f"{model.num_classes} classes do not fit the uint8 label maps")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in paths:
+        written += predict_scan(model, path, output_dir, png)
+    return written
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program (evaluate has flags of the same names)."""
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Workdir of a trained run (config.json, checkpoints/).")
+    flags.DEFINE_string("input", None, "A .nii/.nii.gz/.h5 volume or a folder of them.")
+    flags.DEFINE_string("output", None, "Folder for <name>_pred.nii.gz / <name>_pred.h5 (created).")
+    flags.DEFINE_string("checkpoint", "best", "'best', 'last' or a saved step number.")
+    flags.DEFINE_bool("png", False, "Also write per-slice overlays into <output>/<name>_png/.")
+    flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
+def main(argv) -> None:
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    try:
+        written = predict(f.workdir, f.input, f.output, f.checkpoint, f.png)
+    except (InputError, inference.WorkdirError) as err:
+        sys.exit(f"error: {err}")
+    predictions = [p for p in written if p.suffix != ".png"]
+    for path in predictions:
+        print(f"wrote {path}")
+    if len(written) > len(predictions):
+        print(f"wrote {len(written) - len(predictions)} PNG overlays")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
