@@ -14,6 +14,7 @@ import ml_collections
 from arco_jax.evaluation import EMPTY_POLICIES
 
 SAMPLERS = ("uniform", "sg", "sag")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 STRATA_LAYOUTS = ("index", "spatial")
 DATASETS = ("phantom", "acdc")
 ONE_PATIENT_SPLITS = ("whole", "reference")
@@ -53,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.features = (16, 32, 64, 128, 256)
     c.model.dropout_rates = (0.05, 0.1, 0.2, 0.3, 0.5)
     c.model.rep_dim = 496  # Sum of the UNet decoder widths, as the reference head.
+    c.model.dtype = "float32"  # Compute dtype: 'bfloat16' on GPU/TPU; params and optimizer stay float32.
 
     c.arco = ml_collections.ConfigDict()
     c.arco.sampler = "sg"  # 'uniform' (ARCO-NS / MONA), 'sg', 'sag'.
@@ -148,6 +150,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     if d.batch_unlabeled < 2:
         _fail("data.batch_unlabeled", "CutMix pairs each unlabeled image with the next one: needs >= 2")
 
+    _choice(c.model.dtype, "model.dtype", COMPUTE_DTYPES)
     _choice(a.sampler, "arco.sampler", SAMPLERS)
     _choice(a.strata, "arco.strata", STRATA_LAYOUTS)
     root = math.isqrt(a.num_strata) if a.num_strata > 0 else 0

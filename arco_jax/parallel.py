@@ -1,27 +1,46 @@
-"""Device mesh and shardings for data parallelism.
+"""Device mesh, shardings, and the few cross-process agreements a multi-host run needs.
 
 The train step is one `jax.jit` over a 1-D ('data',) mesh: batches are split over the mesh,
 the train state is replicated. This is what `jax.pmap` is built from since JAX 0.8, and the
 same code runs on one CPU, several GPUs or a multi-host TPU slice: XLA inserts the gradient
 all-reduce (and the cross-device reductions of BatchNorm statistics) from the shardings.
+
+On several processes (after `jax.distributed.initialize()`) each process feeds its own rows
+of the batch (`global_batch`) and reads replicated results from its own devices (`fetch`).
+Host-side decisions that could differ between processes (a check that fails on one host
+only, a different config) go through `gather_text`, so every process takes the same branch
+instead of one raising while the others wait forever in the next collective.
 """
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+T = TypeVar("T")
+
+
+class ProcessFailure(RuntimeError):
+    """Another process failed a step that every process must pass; its message is included."""
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A ('data',) mesh over all devices (or the first `num_devices`)."""
+    """A ('data',) mesh over all devices of all processes (or the first `num_devices`)."""
     devices = jax.devices()
     if num_devices is not None:
         if num_devices > len(devices):
             raise ValueError(f"asked for {num_devices} devices, only {len(devices)} are visible")
         devices = devices[:num_devices]
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def local_mesh() -> jax.sharding.Mesh:
+    """A ('data',) mesh over this process's devices only (work no other process shares)."""
+    return jax.sharding.Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -46,3 +65,62 @@ def global_batch(mesh: jax.sharding.Mesh, local: dict[str, np.ndarray]) -> dict[
 def replicate(mesh: jax.sharding.Mesh, tree):
     """Place a pytree (e.g. a freshly initialised train state) replicated on the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def fetch(tree):
+    """Host copy of replicated arrays, read from this process's first device: works when the
+    array spans other processes' devices too (np.asarray would refuse those)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def local_replica(tree, mesh: jax.sharding.Mesh):
+    """This process's copy of a replicated pytree, replicated over `mesh` (a local mesh):
+    no communication, so each process can then compute on its own."""
+    return jax.device_put(jax.tree.map(lambda x: x.addressable_data(0), tree), replicated(mesh))
+
+
+def is_main_process() -> bool:
+    """Process 0 writes logs, metrics and results; all processes write checkpoints."""
+    return jax.process_index() == 0
+
+
+def gather_text(text: str) -> list[str]:
+    """Every process's `text`, in process order, on every process (a collective: all call it)."""
+    if jax.process_count() == 1:
+        return [text]
+    payload = np.frombuffer(text.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray(payload.size, np.int32)).reshape(-1)
+    padded = np.zeros(max(int(lengths.max()), 1), np.uint8)
+    padded[:payload.size] = payload
+    rows = multihost_utils.process_allgather(padded)
+    return [bytes(rows[i, :lengths[i]]).decode() for i in range(len(lengths))]
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def on_all_processes(fn: Callable[[], T], what: str) -> T:
+    """Run `fn` on every process; if it raises on any of them, raise on all of them.
+
+    The process that failed re-raises its own error; the others raise ProcessFailure quoting
+    it, so process 0's log names the problem even when another host had it (a data file
+    missing on one host, a checkpoint that host cannot read).
+    """
+    try:
+        result, error = fn(), None
+    except Exception as exc:  # noqa: BLE001  (re-raised below, on every process)
+        result, error = None, exc
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return result
+    messages = gather_text("" if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = {i: m for i, m in enumerate(messages) if m}
+    if failed:
+        quoted = "; ".join(f"process {i}: {m}" for i, m in failed.items())
+        raise ProcessFailure(f"{what} failed on {len(failed)} of {len(messages)} processes: {quoted}")
+    return result

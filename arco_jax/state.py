@@ -45,12 +45,14 @@ class TrainState:
 
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
+    """Modules computing in config.model.dtype; their parameters are always float32."""
     model_config = ml_collections.ConfigDict(config.model.to_dict())
     model_config.num_classes = config.data.num_classes
+    dtype = jnp.dtype(config.model.dtype)
     return Networks(
-        segmenter=models.build_segmenter(model_config),
-        head=models.build_head(model_config),
-        projector=models.build_projector(model_config),
+        segmenter=models.build_segmenter(model_config, dtype),
+        head=models.build_head(model_config, dtype),
+        projector=models.build_projector(model_config, dtype),
     )
 
 

@@ -1,34 +1,44 @@
-"""Train ARCO and evaluate it, in sections: data, model and state, checkpoints, the step
-loop (progress, validation, best checkpoint), and the final test report.
+"""Train ARCO and evaluate it, in sections: guards, data, model and state, evaluation, the step
+loop (progress, validation, checkpoints, preemption), and the final test report.
 
 `train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags, so a
-notebook can call this directly.
+notebook can call this directly. Running it again on the same workdir resumes exactly: the
+state, the data streams' positions and metrics.jsonl continue from the newest intact
+checkpoint, and the final parameters and logged metrics are bit for bit those of a run that
+was never interrupted (same device count and backend).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from arco_jax import evaluation, parallel
-from arco_jax.config import validate
+from arco_jax.checkpointing import Checkpoints, committed_steps, write_json
+from arco_jax.config import ConfigError, validate
 from arco_jax.data import phantom, pipeline, ssl4mis
 from arco_jax.objective import Batch
-from arco_jax.state import (LOSS_TERM_NAMES, Networks, TrainState, build_networks, build_optimizer,
-                            create_train_state)
+from arco_jax.state import LOSS_TERM_NAMES, Networks, TrainState, build_networks, build_optimizer, create_train_state
 from arco_jax.step import make_train_step
 
 DISTANCE_UNITS = "voxels"
+# Fields a resumed run may change without --allow_config_change: they decide when things are
+# logged, evaluated or kept, never what the training computes.
+RESUME_SAFE_FIELDS = frozenset({"train.log_every", "train.eval_every", "train.checkpoint_every",
+                                "train.keep_checkpoints", "eval.slice_batch_size"})
 log = logging.getLogger("arco_jax")
 
 
@@ -39,11 +49,99 @@ def _console() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
-    log.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    log.setLevel(logging.INFO if parallel.is_main_process() else logging.WARNING)
 
 
 class TrainingDiverged(RuntimeError):
     """A loss term or the gradient became NaN/Inf; the state was frozen at the last good step."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the current step was saved and training stopped; rerun to resume."""
+
+    def __init__(self, step: int, checkpoint_dir: Path):
+        super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint step {step} saved in "
+                         f"{checkpoint_dir}; run the same command again to resume")
+        self.step = step
+
+
+# ----------------------------------------------------------------------------- guards
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def config_record(config: ml_collections.ConfigDict) -> dict:
+    """The config as config.json stores it (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def config_differences(old: dict, new: dict, ignore=frozenset()) -> list[str]:
+    """'field: old -> new' for every leaf field that differs (dotted names), sorted."""
+    old, new = _flatten(old), _flatten(new)
+    missing = object()
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, missing), new.get(name, missing)
+        if a != b and name not in ignore:
+            show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+            lines.append(f"{name}: {show(a)} -> {show(b)}")
+    return lines
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+    """Hash of everything in the config that decides what training computes."""
+    record = {k: v for k, v in _flatten(config_record(config)).items() if k not in RESUME_SAFE_FIELDS}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_config_on_all_processes(config: ml_collections.ConfigDict) -> None:
+    """Every process must run the same config; a launcher that passed different flags to
+    different hosts would otherwise train a silently inconsistent model (or hang)."""
+    texts = parallel.gather_text(json.dumps(config_record(config), sort_keys=True))
+    reference = json.loads(texts[0])
+    problems = [f"process {i}: " + "; ".join(config_differences(reference, json.loads(text)))
+                for i, text in enumerate(texts) if text != texts[0]]
+    if problems:
+        raise ConfigError("the processes of this run were given different configs (differences from "
+                          "process 0's): " + " | ".join(problems))
+
+
+def check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, allow_change: bool) -> bool:
+    """Refuse to resume a run that was started with another config, unless allowed.
+
+    A workdir "holds a run" once a checkpoint is committed; before that config.json is just
+    replaced (a run that died at startup, e.g. on a wrong data_dir, can be rerun fixed).
+    Returns whether the config differs from the stored one. Process 0 only.
+    """
+    stored_path = workdir / "config.json"
+    has_run = bool(committed_steps(workdir / "checkpoints" / "last"))
+    if not (has_run and stored_path.exists()):
+        return False
+    try:
+        stored = json.loads(stored_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{stored_path} is not valid JSON ({error}); it records the config of the run "
+                          "in this workdir: restore it, or use another --workdir") from error
+    differences = config_differences(stored, config_record(config), ignore=RESUME_SAFE_FIELDS)
+    if not differences:
+        return False
+    listed = "\n  ".join(differences)
+    if not allow_change:
+        raise ConfigError(
+            f"{workdir} holds a run with another config ({stored_path}); resuming it would mix two "
+            f"experiments. Differing fields (stored -> given):\n  {listed}\n"
+            "Use a new --workdir, or pass --allow_config_change "
+            "(train_and_evaluate(..., allow_config_change=True)) to resume it anyway.")
+    archived = next(workdir / f"config.before_change_{i}.json" for i in range(1, 10_000)
+                    if not (workdir / f"config.before_change_{i}.json").exists())
+    stored_path.replace(archived)
+    log.warning("resuming with a changed config (the old one is kept as %s):\n  %s", archived.name, listed)
+    return True
 
 
 # ----------------------------------------------------------------------------- data
@@ -71,14 +169,32 @@ def make_streams(config: ml_collections.ConfigDict, root: Path, num_labeled: int
         num_classes=d.num_classes, worker_count=d.num_workers)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+    """The cases of a split (list order) and the volumes of this process's share of them
+    (cases p, p + n, ...), so several hosts evaluate a split together."""
+
+    name: str
+    cases: tuple[str, ...]
+    volumes: tuple[tuple[str, np.ndarray, np.ndarray], ...]
+
+
+def load_split(root: Path, split: str, num_classes: int) -> EvalSplit:
+    cases = tuple(ssl4mis.list_cases(root, split))
+    mine = cases[jax.process_index()::jax.process_count()]
+    return EvalSplit(split, cases, tuple((c, *ssl4mis.load_volume(root, c, num_classes)) for c in mine))
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 class Evaluator:
-    """The SSL4MIS volume protocol on a list of (case, image, label) volumes, one jitted
-    eval-mode forward reused for every slice batch."""
+    """The SSL4MIS volume protocol on an EvalSplit. Each process evaluates its own volumes on
+    its own devices (slice batches split over them, the model copied locally: no traffic
+    between hosts), then the per-case metrics are gathered so every process holds them all."""
 
     def __init__(self, config: ml_collections.ConfigDict, nets: Networks):
         self.config = config
+        self.mesh = parallel.local_mesh()
         self._logits = jax.jit(lambda variables, x: nets.segmenter.apply(variables, x, train=False)[0])
 
     def variables(self, state: TrainState) -> dict:
@@ -86,16 +202,31 @@ class Evaluator:
             return {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}
         return {"params": state.params["segmenter"], "batch_stats": state.batch_stats}
 
-    def __call__(self, state: TrainState, volumes) -> tuple[dict, dict]:
+    def _predictor(self, state: TrainState):
+        variables = parallel.local_replica(self.variables(state), self.mesh)
+        sharding = parallel.batch_sharding(self.mesh)
+        devices = self.mesh.size
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            rows = x.shape[0]
+            padded = np.pad(x, ((0, -rows % devices),) + ((0, 0),) * (x.ndim - 1))
+            return np.asarray(self._logits(variables, jax.device_put(padded, sharding)))[:rows]
+
+        return predict
+
+    def __call__(self, state: TrainState, split: EvalSplit) -> tuple[dict, dict]:
         c = self.config
-        variables = self.variables(state)
-        predict = lambda x: np.asarray(self._logits(variables, jnp.asarray(x)))  # noqa: E731
-        per_case = {}
-        for case, image, label in volumes:
+        predict = self._predictor(state)
+        mine = {}
+        for case, image, label in split.volumes:
             pred = evaluation.predict_volume(predict, image, tuple(c.data.patch_size),
                                              slice_batch_size=c.eval.slice_batch_size)
-            per_case[case] = evaluation.evaluate_volume(pred, label, c.data.num_classes,
-                                                        empty_policy=c.eval.empty_policy)
+            mine[case] = evaluation.evaluate_volume(pred, label, c.data.num_classes,
+                                                    empty_policy=c.eval.empty_policy)
+        gathered = {}
+        for text in parallel.gather_text(json.dumps({k: np.asarray(v).tolist() for k, v in mine.items()})):
+            gathered.update(json.loads(text))  # JSON keeps float64 exactly (and NaN/inf)
+        per_case = {case: np.asarray(gathered[case], np.float64) for case in split.cases}
         return evaluation.summarize(per_case, list(c.data.class_names)), per_case
 
 
@@ -114,71 +245,38 @@ def summary_json(summary: dict, per_case: dict) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-class Checkpoints:
-    """Orbax managers for the latest states (with the data stream position) and the best one
-    by validation Dice. Every process calls save/restore; Orbax coordinates the writes."""
-
-    def __init__(self, workdir: Path, keep: int):
-        self.last = ocp.CheckpointManager(
-            workdir / "checkpoints" / "last",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-        self.best = ocp.CheckpointManager(
-            workdir / "checkpoints" / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-        self.best_file = workdir / "checkpoints" / "best.json"
-
-    def save_last(self, step: int, state: TrainState, streams: pipeline.TrainStreams) -> None:
-        self.last.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(streams.get_state())))
-
-    def save_best(self, step: int, state: TrainState, val_dice: float) -> None:
-        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-        self.best.wait_until_finished()
-        if jax.process_index() == 0:
-            _write_json(self.best_file, {"step": step, "val_dice": val_dice})
-
-    def best_record(self) -> dict | None:
-        return json.loads(self.best_file.read_text()) if self.best_file.exists() else None
-
-    def restore_last(self, target: TrainState, streams: pipeline.TrainStreams) -> TrainState | None:
-        step = self.last.latest_step()
-        if step is None:
-            return None
-        restored = self.last.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        streams.set_state(restored["data"])
-        return restored["state"]
-
-    def restore_best(self, target: TrainState) -> TrainState | None:
-        step = self.best.latest_step()
-        if step is None:
-            return None
-        return self.best.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-
-    def close(self) -> None:
-        self.last.wait_until_finished()
-        self.last.close()
-        self.best.close()
-
-
 # ----------------------------------------------------------------------------- logging
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Write-then-rename so a crash never leaves a truncated file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
-
 
 class MetricLog:
     """metrics.jsonl (appended, survives restarts) and the console progress line."""
 
     def __init__(self, workdir: Path, total_steps: int):
-        self.enabled = jax.process_index() == 0
+        self.enabled = parallel.is_main_process()
         self.path = workdir / "metrics.jsonl"
         self.total_steps = total_steps
         self._mark = (None, None)
+
+    def keep_until(self, step: int) -> None:
+        """Drop what a previous run logged after `step` (the step being resumed: those steps
+        run again), and a last line cut short by a kill, so each step is logged once."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+            else:
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+            log.info("metrics.jsonl: dropped %d lines written after step %d by the interrupted run", dropped, step)
 
     def start(self, step: int) -> None:
         self._mark = (step, time.perf_counter())
@@ -197,7 +295,7 @@ class MetricLog:
         self.write({"split": "train", "step": step, "steps_per_sec": rate, **metrics})
         terms = " ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in LOSS_TERM_NAMES[:-1])
         log.info("step %d/%d | loss %.4f (%s) | lr %.5f | %.2f steps/s | ETA %s",
-                     step, self.total_steps, metrics["loss"], terms, metrics["lr"], rate, _duration(eta))
+                 step, self.total_steps, metrics["loss"], terms, metrics["lr"], rate, _duration(eta))
 
 
 def _duration(seconds: float) -> str:
@@ -209,59 +307,119 @@ def _duration(seconds: float) -> str:
 
 
 def _check_finite(state: TrainState, checkpoint_dir: Path) -> None:
-    bad_step = int(jax.device_get(state.bad_step))
+    bad_step = int(parallel.fetch(state.bad_step))
     if bad_step >= 0:
-        bad = [name for name, flag in zip(LOSS_TERM_NAMES, jax.device_get(state.bad_terms)) if flag]
+        bad = [name for name, flag in zip(LOSS_TERM_NAMES, parallel.fetch(state.bad_terms)) if flag]
         raise TrainingDiverged(
             f"non-finite {', '.join(bad)} at step {bad_step} (in the update from step {bad_step} to "
             f"{bad_step + 1}): training stopped. The state stayed at step {bad_step}, the last good one; "
             f"checkpoints already written in {checkpoint_dir} are untouched.")
 
 
+# ----------------------------------------------------------------------------- preemption
+
+class PreemptionWatch:
+    """Has SIGTERM (the usual preemption notice) arrived? One process: a signal handler sets a
+    flag. Several processes: JAX's preemption sync manager (it catches SIGTERM itself) names a
+    step at which every process answers yes, so all save the same step together."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._multi = jax.process_count() > 1
+
+    def __enter__(self) -> "PreemptionWatch":
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Call once per step, on every process."""
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
 # ----------------------------------------------------------------------------- the job
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Train (resuming from the workdir's latest checkpoint if any), select on val, report test."""
-    workdir = Path(workdir).absolute()  # Orbax needs absolute paths; users type relative ones.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       allow_config_change: bool = False) -> dict:
+    """Train (resuming from the workdir's newest intact checkpoint if any), select on val,
+    report test. Raises Preempted after saving when SIGTERM arrives during training (a notice
+    that comes while starting up is acted on after the first step; one that comes during the
+    final test evaluation lets it finish: the last state is saved by then)."""
+    with PreemptionWatch() as preemption:
+        # Absolute: Orbax rejects relative paths such as the README's runs/demo.
+        return _train_and_evaluate(config, Path(workdir).absolute(), allow_config_change, preemption)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool,
+                        preemption: PreemptionWatch) -> dict:
     _console()
     mesh = parallel.make_mesh()
+    check_same_config_on_all_processes(config)
     validate(config, device_count=mesh.size)
-    is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        _write_json(workdir / "config.json", config.to_dict())
+    is_main = parallel.is_main_process()
 
-    # Data.
-    root = prepare_data(config)
-    num_labeled = labeled_slices(config, root)
-    streams = make_streams(config, root, num_labeled)
-    val_volumes = list(ssl4mis.iterate_volumes(root, "val", config.data.num_classes))
-    log.info("data: %s | %d labeled slices (%d patients), batches %d+%d | %d val volumes | mesh %s",
-                 root, num_labeled, config.data.labeled_patients, config.data.batch_labeled,
-                 config.data.batch_unlabeled, len(val_volumes), dict(mesh.shape))
+    def claim_workdir() -> None:
+        if is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            check_workdir_config(workdir, config, allow_config_change)
+            write_json(workdir / "config.json", config.to_dict())
 
-    # Model, optimizer, state (replicated over the mesh).
+    parallel.on_all_processes(claim_workdir, "checking the workdir's config")
+
+    # Data: every process checks its own files; a file missing on any host stops all of them.
+    def load_data():
+        root = prepare_data(config)
+        num_labeled = labeled_slices(config, root)
+        return root, num_labeled, make_streams(config, root, num_labeled), load_split(
+            root, "val", config.data.num_classes)
+
+    root, num_labeled, streams, val_split = parallel.on_all_processes(load_data, "reading the data")
+    log.info("data: %s | %d labeled slices (%d patients), batches %d+%d | %d val volumes | mesh %s, %d "
+             "process(es)", root, num_labeled, config.data.labeled_patients, config.data.batch_labeled,
+             config.data.batch_unlabeled, len(val_split.cases), dict(mesh.shape), jax.process_count())
+
+    # Model, optimizer, state (replicated over the mesh), then the newest intact checkpoint.
     nets = build_networks(config)
     tx = build_optimizer(config)
     replicated = parallel.replicated(mesh)
     init = jax.jit(functools.partial(create_train_state, config, nets, tx), out_shardings=replicated)
     state = init(jax.random.PRNGKey(config.seed))
-    checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
+    this_config = config_hash(config)
+    checkpoints = Checkpoints(workdir / "checkpoints", config.train.keep_checkpoints, this_config)
     restored = checkpoints.restore_last(state, streams)
     if restored is not None:
         state = restored
-        log.info("resumed from step %d", int(state.step))
-    best = checkpoints.best_record() or {"step": None, "val_dice": -1.0}
+    start = int(parallel.fetch(state.step))
+    if restored is not None:
+        log.info("resumed from step %d", start)
+    best = checkpoints.best_record()
+    if best is not None and best["step"] > start and best["config_hash"] != this_config:
+        log.warning("the best checkpoint (step %d) was selected after step %d under the replaced config; "
+                    "dropped, selection starts again", best["step"], start)
+        checkpoints.forget_best()
+        best = None
+    best = {"step": best["step"], "val_dice": best["val_dice"]} if best else {"step": None, "val_dice": -1.0}
 
     train_step = jax.jit(make_train_step(config, nets, tx),
                          in_shardings=(replicated, parallel.batch_sharding(mesh)),
                          out_shardings=(replicated, replicated), donate_argnums=0)
     evaluate = Evaluator(config, nets)
     metric_log = MetricLog(workdir, config.train.steps)
+    metric_log.keep_until(start)
 
     # The loop. Every step that logs, validates or saves first checks that training is still
     # finite, so a frozen (diverged) state is never saved.
-    step = start = int(state.step)
+    step = start
     started = time.perf_counter()
     t = config.train
     try:
@@ -276,13 +434,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 log.info("train step compiled and run once in %.1f s", time.perf_counter() - started)
                 metric_log.start(step)
             last = step == t.steps
-            if not (last or step % t.log_every == 0 or step % t.eval_every == 0 or step % t.checkpoint_every == 0):
+            preempted = preemption.reached(step)
+            if not (last or preempted or step % t.log_every == 0 or step % t.eval_every == 0
+                    or step % t.checkpoint_every == 0):
                 continue
             _check_finite(state, workdir / "checkpoints")
             if last or step % t.log_every == 0:
-                metric_log.progress(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
+                metric_log.progress(step, {k: float(v) for k, v in parallel.fetch(metrics).items()})
             if last or step % t.eval_every == 0:
-                summary, _ = evaluate(state, val_volumes)
+                summary, _ = evaluate(state, val_split)
                 dice = mean_dice(summary)
                 metric_log.write({"split": "val", "step": step, "dice": dice})
                 improved = dice > best["val_dice"]
@@ -291,17 +451,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     checkpoints.save_best(step, state, dice)
                 log.info("val step %d | mean Dice %.4f | best %.4f at step %d%s", step, dice,
                          best["val_dice"], best["step"], " (new best)" if improved else "")
-            if last or step % t.checkpoint_every == 0:
+            if last or preempted or step % t.checkpoint_every == 0:
                 checkpoints.save_last(step, state, streams)
+            if preempted and not last:
+                checkpoints.wait()
+                raise Preempted(step, checkpoints.last.directory)
     except BaseException:
-        checkpoints.close()  # Let a save in flight finish: the newest good checkpoint survives.
+        _close_quietly(checkpoints)  # Let a save in flight finish: the newest good checkpoint survives.
         streams.close()
         raise
-    checkpoints.last.wait_until_finished()
+    checkpoints.wait()
     streams.close()
 
     # Test: the val-selected state and the last one.
-    test_volumes = list(ssl4mis.iterate_volumes(root, "test", config.data.num_classes))
+    test_split = parallel.on_all_processes(
+        lambda: load_split(root, "test", config.data.num_classes), "reading the test split")
     results = {"dataset": config.data.dataset, "labeled_patients": config.data.labeled_patients,
                "labeled_slices": num_labeled, "steps": step, "sampler": config.arco.sampler,
                "strata": config.arco.strata, "empty_policy": config.eval.empty_policy,
@@ -311,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     for name, candidate in candidates:
         if candidate is None:
             continue
-        summary, per_case = evaluate(candidate, test_volumes)
+        summary, per_case = evaluate(candidate, test_split)
         results["test"][name] = summary_json(summary, per_case)
         title = f"val-selected (step {best['step']})" if name == "best" else f"last (step {step})"
         tables.append(f"### Test, {title}\n\n"
@@ -319,9 +483,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         log.info("test (%s): mean Dice %.4f", name, mean_dice(summary))
     checkpoints.close()
     if is_main:
-        _write_json(workdir / "results.json", results)
+        write_json(workdir / "results.json", results)
         header = (f"# ARCO results: {config.data.dataset}, {config.data.labeled_patients} labeled patients "
                   f"({num_labeled} slices), sampler {config.arco.sampler}/{config.arco.strata}, {step} steps\n\n")
         (workdir / "results.md").write_text(header + "\n\n".join(tables) + "\n")
         print(header + "\n\n".join(tables))
     return results
+
+
+def _close_quietly(checkpoints: Checkpoints) -> None:
+    """On the way out of an error: finish what can be finished, never mask the first error."""
+    try:
+        checkpoints.close()
+    except Exception as error:  # noqa: BLE001
+        log.warning("while stopping, a checkpoint write also failed: %s", error)

@@ -101,9 +101,15 @@ def phantom_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, phantom_cache):
     config = tiny_config(phantom_cache)
-    workdir = tmp_path_factory.mktemp("run")
-    results = train.train_and_evaluate(config, workdir)
-    return types.SimpleNamespace(config=config, workdir=workdir, results=results)
+    parent = tmp_path_factory.mktemp("runs")
+    # A relative workdir, as in the README's `--workdir=runs/demo` (Orbax needs absolute paths).
+    cwd = os.getcwd()
+    os.chdir(parent)
+    try:
+        results = train.train_and_evaluate(config, "demo")
+    finally:
+        os.chdir(cwd)
+    return types.SimpleNamespace(config=config, workdir=parent / "demo", results=results)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -201,7 +207,9 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path, phantom_ca
     workdir = tmp_path / "resumed"
     shutil.copytree(trained.workdir, workdir)
     config = tiny_config(phantom_cache, steps=RESUMED_STEPS)
-    results = train.train_and_evaluate(config, workdir)
+    # More steps change the learning-rate schedule: a config change that must be allowed.
+    results = train.train_and_evaluate(config, workdir, allow_config_change=True)
+    assert json.loads((workdir / "config.before_change_1.json").read_text())["train"]["steps"] == TRAIN_STEPS
 
     assert results["steps"] == RESUMED_STEPS
     records = read_metrics(workdir)
