@@ -1,0 +1,265 @@
+"""The variance study: on a synthetic population with known structure, stratified sampling
+estimates a class mean with less variance than uniform sampling at the same n, and without
+bias; the command end to end on a tiny trained run; bad arguments."""
+import functools
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from arco_jax import inference, sampling, train, variance
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------- synthetic population
+
+SHAPE = (4, 64, 64)  # a batch of 4 images
+NUM_SAMPLES = 32
+NUM_DRAWS = 2000
+ESTIMATORS = [("uniform", "index"), ("sg", "index"), ("sg", "spatial"), ("sag", "index"), ("sag", "spatial")]
+
+
+def population():
+    """Per-pixel 'losses': a smooth field that varies across each image and between images,
+    plus a little noise; a rare class is a disc of radius 5 (81 pixels) at a different place
+    in each image, the common class is everything else."""
+    b, y, x = np.meshgrid(*(np.arange(s) for s in SHAPE), indexing="ij")
+    noise = np.random.default_rng(0).normal(size=SHAPE)
+    values = np.sin(y / 9.0 + b) + np.cos(x / 11.0) + 0.5 * b + 0.1 * noise
+    centre_y = np.array([20, 40, 30, 44])[:, None, None]
+    centre_x = np.array([24, 36, 44, 20])[:, None, None]
+    rare = (y - centre_y) ** 2 + (x - centre_x) ** 2 <= 25
+    return values.reshape(-1), {"common": ~rare, "rare": rare}
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_many(method: str, layout: str):
+    draw = lambda key, mask: sampling.sample(key, mask, NUM_SAMPLES, method=method, layout=layout)  # noqa: E731
+    return jax.jit(jax.vmap(draw, in_axes=(0, None)))
+
+
+@pytest.fixture(scope="module")
+def sample_means():
+    """{class: {(method, layout): (NUM_DRAWS,) sample means}} and the true class means."""
+    values, masks = population()
+    keys = jax.random.split(jax.random.key(0), NUM_DRAWS)
+    means = {cls: {est: values[np.asarray(_sample_many(*est)(keys, jnp.asarray(mask))[0])].mean(axis=1)
+                   for est in ESTIMATORS} for cls, mask in masks.items()}
+    truth = {cls: values[mask.reshape(-1)].mean() for cls, mask in masks.items()}
+    return means, truth
+
+
+@pytest.mark.parametrize("cls", ["common", "rare"])
+def test_stratified_sample_means_are_unbiased(sample_means, cls):
+    means, truth = sample_means
+    for est, m in means[cls].items():
+        standard_error = m.std() / np.sqrt(m.size)
+        assert abs(m.mean() - truth[cls]) < 4 * standard_error, (cls, est, m.mean(), truth[cls])
+
+
+def test_stratification_lowers_the_variance_most_for_the_rare_class(sample_means):
+    means, _ = sample_means
+    ratio = {cls: {est: m.var() / by_est[("uniform", "index")].var() for est, m in by_est.items()}
+             for cls, by_est in means.items()}
+    for est in ESTIMATORS[1:]:
+        # Both layouts split the common class's smooth field into strata with distinct means.
+        assert ratio["common"][est] < 0.85, (est, ratio["common"][est])
+        # The disc's values differ mostly between images; index blocks (image-major ranks) and
+        # spatial cells (one disc per image, at different places) both separate the images,
+        # so most of the rare class's variance goes away.
+        assert ratio["rare"][est] < 0.4, (est, ratio["rare"][est])
+        assert ratio["rare"][est] < ratio["common"][est], est
+    # Antithetic pairs cancel the linear trend inside each stratum on top of stratifying.
+    for cls in means:
+        for layout in sampling.LAYOUTS:
+            assert ratio[cls][("sag", layout)] < ratio[cls][("sg", layout)], (cls, layout)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_estimators_are_uniform_then_every_stratified_sampler_and_layout():
+    names = [e.name for e in variance.estimators_for(["sag", "uniform", "sg"], ["spatial", "index"])]
+    assert names == ["uniform", "sag/spatial", "sag/index", "sg/spatial", "sg/index"]
+    assert [e.name for e in variance.estimators_for(["uniform"], [])] == ["uniform"]
+
+
+def test_welford_matches_the_two_pass_variance():
+    rng = np.random.default_rng(0)
+    samples = [{"a": {"w": rng.normal(size=(3, 4))}, "b": {"w": rng.normal(size=5) + 10.0}} for _ in range(7)]
+    carry = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, samples[0]), {"a": jnp.zeros(()), "b": jnp.zeros(())})
+    for sample in samples:
+        carry = variance.welford_update(carry, jax.tree.map(jnp.asarray, sample))
+    count, mean, m2 = carry
+    assert float(count) == 7
+    for part in ("a", "b"):
+        stacked = np.stack([x[part]["w"] for x in samples])
+        np.testing.assert_allclose(mean[part]["w"], stacked.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(float(m2[part]), ((stacked - stacked.mean(0)) ** 2).sum(), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def tiny_config(cache_dir: Path):
+    """configs/demo.py shrunk: 3/1/1 phantom patients of 32 px, a narrow UNet, two steps,
+    the supervised and contrastive terms only."""
+    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    d = c.data
+    d.cache_dir = str(cache_dir)
+    d.phantom.splits = (3, 1, 1)
+    d.phantom.image_size = 32
+    d.phantom.slices = (3, 4)
+    d.patch_size = (32, 32)
+    d.labeled_patients = 1
+    d.batch_labeled = 2
+    d.batch_unlabeled = 2
+    c.model.features = (4, 8, 8, 16, 16)
+    c.model.rep_dim = 16
+    a = c.arco
+    a.num_anchors = 8
+    a.num_negatives = 4
+    a.bank_size = 64
+    a.bank_size_background = 64
+    a.bank_enqueue = 16
+    a.nn_pool_size = 4
+    a.nn_topk = 2
+    a.nn_grid = 2
+    for term in ("unsup", "eqv", "nn"):
+        c.loss_weights[term] = 0.0
+    c.loss_weights.contrast = 0.1
+    c.train.steps = 2
+    c.train.log_every = 2
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 2
+    c.eval.slice_batch_size = 8
+    return c
+
+
+BATCHES, DRAWS = 2, 6
+STUDIED = ["uniform", "sag/spatial"]  # sag/spatial runs the most sampler machinery
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(tmp_path_factory.mktemp("phantom_cache"))
+    train.train_and_evaluate(config, workdir)
+    out = workdir / "study"
+    completed = subprocess.run(
+        [sys.executable, "-m", "arco_jax.variance", f"--workdir={workdir}", "--checkpoint=last",
+         f"--batches={BATCHES}", f"--draws={DRAWS}", "--samplers=uniform,sag", "--strata=spatial",
+         f"--out={out}"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((out / "variance.json").read_text())
+    return types.SimpleNamespace(config=config, workdir=workdir, out=out, report=report, stdout=completed.stdout)
+
+
+def test_report_covers_the_estimators_batches_and_classes(study):
+    r = study.report
+    assert r["estimators"] == STUDIED
+    assert r["classes"] == ["background", "RV", "Myo", "LV"]
+    assert r["run"]["checkpoint"] == "last" and r["run"]["step"] == 2
+    assert r["settings"]["batches"] == BATCHES and r["settings"]["draws"] == DRAWS
+    assert r["settings"]["num_anchors"] == 8 and r["settings"]["num_negatives"] == 4
+    assert [b["batch"] for b in r["per_batch"]] == list(range(BATCHES))
+    for b in r["per_batch"]:
+        assert set(b["estimators"]) == set(STUDIED)
+        # Which classes have a term depends on the batch, never on the sampler.
+        counted = {name: set(e["per_class"]) for name, e in b["estimators"].items()}
+        assert len({frozenset(c) for c in counted.values()}) == 1
+        for cls in counted["uniform"]:
+            assert b["anchor_candidates"][cls] > 0
+    # The class terms come from a mirror of objective.contrastive_term, checked on the run.
+    assert r["mirror_check"]["estimator"] == "sag/spatial"
+    assert r["mirror_check"]["abs_error"] <= 1e-4 * max(1.0, abs(r["mirror_check"]["loss"]))
+
+
+def test_summary_is_the_batch_average_and_ratios_are_against_uniform(study):
+    r = study.report
+    summary, batches = r["summary"], r["per_batch"]
+    for name in STUDIED:
+        s = summary[name]
+        rows = [b["estimators"][name] for b in batches]
+        assert s["loss_mean"] == pytest.approx(np.mean([row["loss_mean"] for row in rows]))
+        assert s["loss_var"] == pytest.approx(np.mean([row["loss_var"] for row in rows]))
+        assert s["grad_var"] == pytest.approx(np.mean([row["grad_var"] for row in rows]))
+        assert s["grad_var"] == pytest.approx(sum(s["grad_var_parts"].values()))
+        assert s["loss_var"] > 0 and s["grad_var"] > 0 and s["grad_mean_sq"] > 0
+        assert s["grad_rel_var"] == pytest.approx(s["grad_var"] / s["grad_mean_sq"])
+        assert s["loss_var_ratio"] == pytest.approx(s["loss_var"] / summary["uniform"]["loss_var"])
+        assert s["grad_var_ratio"] == pytest.approx(s["grad_var"] / summary["uniform"]["grad_var"])
+        for cls, v in s["per_class"].items():
+            per_batch = [row["per_class"][cls]["var"] for row in rows if cls in row["per_class"]]
+            assert v["batches"] == len(per_batch) > 0
+            assert v["var"] == pytest.approx(np.mean(per_batch))
+            assert v["var_ratio"] == pytest.approx(v["var"] / summary["uniform"]["per_class"][cls]["var"])
+    assert summary["uniform"]["loss_var_ratio"] == 1.0 and summary["uniform"]["loss_mean_shift_z"] == 0.0
+
+
+def test_markdown_tables_show_the_json_numbers(study):
+    text = (study.out / "variance.md").read_text()
+    assert text == variance.markdown_report(study.report)
+    assert text in study.stdout
+    summary = study.report["summary"]
+    for name in STUDIED:
+        s = summary[name]
+        row = re.search(rf"^\| {re.escape(name)} \| ([^|]+) \| [^|]+ \| ([^|]+) \|", text, re.MULTILINE)
+        assert row, name
+        assert float(row.group(1)) == pytest.approx(s["loss_mean"], abs=1e-4)
+        assert float(row.group(2)) == pytest.approx(s["loss_var_ratio"], rel=1e-2)
+    assert re.search(r"^\| Class \| Anchor candidates \| Batches \| Var \(uniform\) \| sag/spatial \|$",
+                     text, re.MULTILINE)
+    for cls in study.report["classes"]:
+        assert re.search(rf"^\| {cls} \|", text, re.MULTILINE), cls
+
+
+def test_plot_shows_the_summary_ratios(study, tmp_path):
+    with Image.open(study.out / "variance.png") as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 200
+    groups, names, ratios = variance.ratio_table(study.report)
+    assert names == STUDIED[1:] and groups[:2] == ["loss", "gradient"]
+    assert groups[2:] == study.report["classes"]
+    summary = study.report["summary"]
+    for e, name in enumerate(names):
+        assert ratios[0, e] == pytest.approx(summary[name]["loss_var_ratio"])
+        assert ratios[1, e] == pytest.approx(summary[name]["grad_var_ratio"])
+    np.testing.assert_array_equal(variance.plot_ratios(study.report, tmp_path / "again.png"), ratios)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_uniform_is_required_as_the_baseline(tmp_path):
+    with pytest.raises(ValueError, match="must include 'uniform'"):
+        variance.run_study(tmp_path, samplers=["sg", "sag"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"samplers": ["uniform", "stratified"]}, "'stratified' is not one of"),
+    ({"strata": ["grid"]}, "'grid' is not one of"),
+    ({"draws": 1}, "--draws must be an integer >= 2"),
+    ({"batches": 0}, "--batches must be an integer >= 1"),
+])
+def test_bad_arguments_name_the_flag(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        variance.run_study(tmp_path, **kwargs)
+
+
+def test_missing_run_files_are_named(tmp_path, study):
+    with pytest.raises(inference.WorkdirError, match=re.escape(str(tmp_path / "config.json"))):
+        variance.run_study(tmp_path)
+    (tmp_path / "config.json").write_text((study.workdir / "config.json").read_text())
+    with pytest.raises(inference.WorkdirError, match=re.escape(str(tmp_path / "checkpoints" / "best"))):
+        variance.run_study(tmp_path)
