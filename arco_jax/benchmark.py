@@ -7,6 +7,10 @@ Every case runs in its own subprocess, so its peak memory is its own (host: the 
 maximum resident set; accelerators: the device's peak bytes in use). Times are the median of
 `repeats` calls after a first, compiling call whose time is reported apart. Each result
 names the machine, devices, versions and the config it measured.
+
+Step cases also report the step's floating-point operations (XLA's cost analysis of the
+compiled step) and the achieved GFLOP/s; the 'unet' case times the forward (segmenter in
+train mode + supervised loss) on its own too, so the backward's share is visible.
 """
 from __future__ import annotations
 
@@ -70,6 +74,19 @@ def _time_calls(fn, repeats: int) -> tuple[float, list[float]]:
     return first, times
 
 
+def _flops(compiled) -> float | None:
+    """Floating-point operations of one call of a compiled computation, as XLA counts them."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # Older jaxlib: one dict per computation.
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def _rate(flops: float | None, seconds: float) -> float | None:
+    return flops / seconds / 1e9 if flops else None
+
+
 def _parse(case: str) -> tuple[str, list[str], dict]:
     kind, *rest = case.split(":")
     options = dict(part.split("=", 1) for part in rest if "=" in part)
@@ -119,20 +136,47 @@ def run_step_case(size: int, batch: str | None, terms: str, repeats: int) -> dic
         "image_u": rng.random((d.batch_unlabeled, size, size, 1), np.float32),
     }
     batch_arrays = Batch(**parallel.global_batch(mesh, local))
+    forward = _time_forward(config, nets, state, batch_arrays, repeats) if terms == "sup" else {}
     step = jax.jit(make_train_step(config, nets, tx), in_shardings=(replicated, parallel.batch_sharding(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - start
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = step(holder["state"], batch_arrays)
+        holder["state"], metrics = compiled(holder["state"], batch_arrays)
         jax.block_until_ready(metrics)
 
     first, times = _time_calls(call, repeats)
+    median, flops = statistics.median(times), _flops(compiled)
+    if forward:
+        forward["backward_and_update_s"] = median - forward["forward_median_s"]
     return {"size": size, "batch": f"{d.batch_labeled}+{d.batch_unlabeled if terms != 'sup' else 0}",
             "terms": "all" if terms != "sup" else "sup", "sampler": config.arco.sampler,
             "rep_dim": config.model.rep_dim, "num_anchors": config.arco.num_anchors,
-            "num_negatives": config.arco.num_negatives, "compile_plus_first_s": first,
-            "median_s": statistics.median(times), "times_s": times, "peak_memory_bytes": _peak_memory_bytes()}
+            "num_negatives": config.arco.num_negatives, "compile_plus_first_s": compile_s + first,
+            "median_s": median, "times_s": times, "flops": flops, "gflops_per_s": _rate(flops, median),
+            **forward, "peak_memory_bytes": _peak_memory_bytes()}
+
+
+def _time_forward(config, nets, state, batch, repeats: int) -> dict:
+    """The plain step's forward alone: the segmenter in train mode (dropout, batch statistics)
+    and the supervised loss, as the step runs them, without gradients."""
+    import jax
+
+    from arco_jax import losses
+
+    def forward(params, batch_stats, images, labels, key):
+        (logits, _), _ = nets.segmenter.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                              rngs={"dropout": key}, mutable=["batch_stats"])
+        return losses.supervised_loss(logits, labels)[0]
+
+    args = (state.params["segmenter"], state.batch_stats, batch.image_l, batch.label_l, state.rng)
+    compiled = jax.jit(forward).lower(*args).compile()
+    _, times = _time_calls(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    median, flops = statistics.median(times), _flops(compiled)
+    return {"forward_median_s": median, "forward_flops": flops, "forward_gflops_per_s": _rate(flops, median)}
 
 
 def run_sampler_case(num_candidates: int, num_samples: int, repeats: int) -> dict:
@@ -196,8 +240,14 @@ def summary_line(result: dict) -> str:
     if "error" in result:
         return f"{result['case']:<24} FAILED: {result['error']}"
     if result["kind"] in ("step", "unet"):
-        return (f"{result['case']:<24} {result['median_s']:8.3f} s/step  compile+first "
-                f"{result['compile_plus_first_s']:6.1f} s  peak {result['peak_memory_bytes'] / 2**30:6.2f} GiB")
+        rate = result.get("gflops_per_s")
+        line = (f"{result['case']:<24} {result['median_s']:8.3f} s/step  compile+first "
+                f"{result['compile_plus_first_s']:6.1f} s  peak {result['peak_memory_bytes'] / 2**30:6.2f} GiB"
+                + (f"  {rate:6.1f} GFLOP/s" if rate else ""))
+        if "forward_median_s" in result:
+            line += (f"  forward {result['forward_median_s']:.3f} s, backward+update "
+                     f"{result['backward_and_update_s']:.3f} s")
+        return line
     if result["kind"] == "sampler":
         times = "  ".join(f"{m} {r['median_s'] * 1e3:7.2f} ms" for m, r in result["methods"].items())
         return f"{result['case']:<24} {times}"

@@ -27,3 +27,14 @@ def test_unknown_case_is_an_error():
 def test_failed_subprocess_case_is_reported_not_raised():
     result = benchmark.run_in_subprocess("warp:64", repeats=1)
     assert "error" in result and "FAILED" in benchmark.summary_line(result)
+
+
+def test_unet_case_reports_flops_and_the_forward_share():
+    result = benchmark.run_case("unet:64:batch=2+2", repeats=1)
+    assert result["batch"] == "4+0" and result["terms"] == "sup"
+    # Forward + backward of a conv net costs about three forwards.
+    assert result["flops"] > 2 * result["forward_flops"] > 0
+    assert result["gflops_per_s"] == result["flops"] / result["median_s"] / 1e9
+    assert result["backward_and_update_s"] == result["median_s"] - result["forward_median_s"]
+    line = benchmark.summary_line(result)
+    assert "GFLOP/s" in line and "backward+update" in line

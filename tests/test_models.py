@@ -2,6 +2,7 @@
 import types
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -15,7 +16,7 @@ from arco_jax.models.heads import (
     resize_bilinear_align_corners,
     upsampling_adjoint,
 )
-from arco_jax.models.unet import UNet
+from arco_jax.models.unet import UNet, UpConv2x2
 
 FEATURE_DIMS = (256, 128, 64, 32, 16)
 
@@ -112,6 +113,28 @@ def test_unet_bfloat16_compute_keeps_float32_params(unet_and_vars):
     assert {p.dtype for p in jax.tree.leaves(shapes["params"])} == {jnp.dtype(jnp.float32)}
     logits, features = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     assert logits.dtype == jnp.float32 and features[-1].dtype == jnp.bfloat16
+
+
+def test_upconv_matches_flax_conv_transpose_values_and_gradients():
+    """The matmul form of the 2x2 stride-2 up-convolution is nn.ConvTranspose's function,
+    with its parameter names and shapes (checkpoints keep loading)."""
+    init = jax.nn.initializers.normal(1.0)
+    common = dict(kernel_init=init, bias_init=init)
+    ours = UpConv2x2(5, **common)
+    flax_conv = nn.ConvTranspose(5, kernel_size=(2, 2), strides=(2, 2), padding="VALID", **common)
+    x = jax.random.normal(jax.random.key(20), (2, 3, 4, 6))
+    variables = ours.init(jax.random.key(21), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, flax_conv.init(jax.random.key(21), x))
+    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+    cotangent = jax.random.normal(jax.random.key(22), (2, 6, 8, 5))
+
+    def grads(module):
+        loss = lambda v, x: jnp.sum(module.apply(v, x) * cotangent)
+        return jax.grad(loss, argnums=(0, 1))(variables, x)
+
+    for got, want in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(flax_conv))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 def numpy_align_corners_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

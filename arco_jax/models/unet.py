@@ -12,6 +12,11 @@ Initialisation follows PyTorch's defaults exactly, so training starts from the s
 scale as the reference: every kernel and bias is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 with PyTorch's fan_in (for a transposed conv PyTorch takes out_channels * k * k). BatchNorm
 starts at scale 1, bias 0.
+
+The 2x2 stride-2 transposed convolution is computed as one matmul and a depth-to-space reshape
+(`UpConv2x2`), with the parameters and the result of `nn.ConvTranspose`: XLA:CPU runs the
+weight gradient of a lax transposed convolution (a reversed, rhs-dilated convolution) as a
+plain loop nest, which took over a third of a CPU train step (see benchmarks/unet_cpu_profile.md).
 """
 from __future__ import annotations
 
@@ -85,6 +90,32 @@ class ConvBlock(nn.Module):
         return x
 
 
+class UpConv2x2(nn.Module):
+    """2x2 stride-2 'VALID' transposed convolution, the same function and parameters
+    ('kernel' (2, 2, in, out), 'bias' (out,)) as `nn.ConvTranspose` with those settings.
+
+    The stride equals the kernel size, so every output pixel gets exactly one kernel tap:
+    out[b, 2i+u, 2j+v] = x[b, i, j] @ kernel[1-u, 1-v] + bias (lax.conv_transpose does not
+    flip the kernel, hence the 1-u). As a matmul its forward and both gradients are dots,
+    which XLA:CPU runs as GEMMs instead of the loop nest it emits for the conv's gradient.
+    """
+
+    features: int
+    kernel_init: Initializer
+    bias_init: Initializer
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        batch, height, width, _ = x.shape
+        blocks = jnp.einsum("bhwi,uvio->bhuwvo", x, kernel[::-1, ::-1])
+        return blocks.reshape(batch, 2 * height, 2 * width, self.features) + bias
+
+
 class UpBlock(nn.Module):
     """2x2 stride-2 transposed conv of the coarse map, concat with the skip, ConvBlock."""
 
@@ -96,11 +127,8 @@ class UpBlock(nn.Module):
     def __call__(self, coarse: jax.Array, skip: jax.Array, *, train: bool) -> jax.Array:
         skip_channels = skip.shape[-1]
         fan_in = skip_channels * 4  # PyTorch's fan_in for ConvTranspose2d weights (in, out, 2, 2)
-        up = nn.ConvTranspose(
+        up = UpConv2x2(
             skip_channels,
-            kernel_size=(2, 2),
-            strides=(2, 2),
-            padding="VALID",
             kernel_init=uniform_fan_in(fan_in),
             bias_init=uniform_fan_in(fan_in),
             dtype=self.dtype,
