@@ -5,7 +5,7 @@
 
 Writes <workdir>/eval/<split>-<checkpoint>/: per_case.csv (one row per volume and class),
 summary.json (means per class and over classes, the empty-mask policy, units, the checkpoint's
-step) and table.md, and prints the table. The data root is the run's (config.json; the phantom
+step) and table.md, and prints the table. The data is the run's (config.json; the phantom
 is re-derived from its parameters) unless --data_dir points elsewhere.
 
 Distances (HD95, ASD) are in voxels, as every published ACDC table computes them (medpy
@@ -23,15 +23,14 @@ import math
 import sys
 from pathlib import Path
 
-import h5py
 import ml_collections
 import numpy as np
 
 from arco_jax import evaluation, inference, train
-from arco_jax.data import ssl4mis
+from arco_jax.data import datasets, ssl4mis
 
 SPLITS = ("val", "test")
-SPACING_KEY = "spacing"
+SPACING_KEY = datasets.SPACING_KEY
 SPACING_CONVENTION = (
     "h5 'spacing' attribute (or dataset): 3 positive numbers in mm in the array's axis order "
     "(z, y, x), slice spacing first; NIfTI zooms are (x, y, z) and must be reversed")
@@ -49,43 +48,21 @@ class Report:
     table: str
 
 
-def read_spacing(path: Path) -> tuple[float, float, float] | None:
-    """The (z, y, x) voxel spacing in mm stored in a volume h5, or None when it has none.
-
-    An attribute wins over a dataset of the same name.
-    """
-    try:
-        with h5py.File(path, "r") as f:
-            if SPACING_KEY in f.attrs:
-                raw = f.attrs[SPACING_KEY]
-            elif SPACING_KEY in f:
-                raw = f[SPACING_KEY][()]
-            else:
-                return None
-    except OSError as err:
-        raise ssl4mis.DataError(f"{path}: cannot be read as HDF5 ({err})") from err
-    try:
-        values = np.asarray(raw, dtype=np.float64).ravel()
-    except (TypeError, ValueError) as err:
-        raise ssl4mis.DataError(f"{path}: '{SPACING_KEY}' {raw!r} is not numeric") from err
-    if values.shape != (3,) or not np.all(np.isfinite(values) & (values > 0)):
-        raise ssl4mis.DataError(
-            f"{path}: '{SPACING_KEY}' {values.tolist()} must be 3 finite positive numbers (z, y, x) in mm")
-    return tuple(float(v) for v in values)
+read_spacing = datasets.read_h5_spacing
 
 
-def data_root(config: ml_collections.ConfigDict, workdir: Path, data_dir: str | Path | None) -> Path:
-    """The SSL4MIS root: --data_dir, else the run's (the phantom is rebuilt if not cached)."""
-    if data_dir:
-        root = Path(data_dir)
-    elif config.data.dataset == "phantom":
-        return train.prepare_data(config)
-    else:
-        root = Path(config.data.data_dir)
+def open_eval_data(config: ml_collections.ConfigDict, workdir: Path,
+                   data_dir: str | Path | None) -> datasets.SegmentationData:
+    """The run's dataset (config.json; the phantom is rebuilt if not cached), or a folder of
+    the same kind (config.data.source: SSL4MIS h5 or TFDS) at --data_dir."""
+    d = config.data
+    if not data_dir and d.dataset == "phantom":
+        return datasets.open_data(config)
+    root = Path(data_dir or d.data_dir)
     if not root.is_dir():
         origin = "--data_dir" if data_dir else f"data.data_dir in {workdir / inference.CONFIG_FILE}"
         raise ssl4mis.DataError(f"data root {root} ({origin}) is not a directory; pass --data_dir")
-    return root
+    return datasets.TfdsData(root) if d.source == "tfds" else datasets.Ssl4misData(root)
 
 
 def eval_directory(workdir: str | Path, split: str, checkpoint: str | int) -> Path:
@@ -147,19 +124,18 @@ def evaluate_workdir(workdir: str | Path, split: str = "test", checkpoint: str |
     policy = empty_policy or config.eval.empty_policy
     if policy not in evaluation.EMPTY_POLICIES:
         raise ValueError(f"empty_policy={policy!r} is not one of {', '.join(evaluation.EMPTY_POLICIES)}")
-    root = data_root(config, workdir, data_dir)
-    ssl4mis.list_cases(root, split)  # A missing list fails before the checkpoint is restored.
+    data = open_eval_data(config, workdir, data_dir)
+    data.cases(split)  # A missing list fails before the checkpoint is restored.
     model = inference.load_model(workdir, checkpoint)
 
     num_classes, class_names = model.num_classes, model.class_names
     per_case, per_case_mm = {}, {}
-    for case, image, label in ssl4mis.iterate_volumes(root, split, num_classes):
-        pred = model.predict_volume(image)
-        per_case[case] = evaluation.evaluate_volume(pred, label, num_classes, empty_policy=policy)
-        spacing = read_spacing(root / "data" / f"{case}.h5")
-        if spacing is not None:
-            per_case_mm[case] = evaluation.evaluate_volume(pred, label, num_classes, spacing,
-                                                           empty_policy=policy)
+    for volume in datasets.iterate_volumes(data, split, num_classes):
+        pred = model.predict_volume(volume.image)
+        per_case[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, empty_policy=policy)
+        if volume.spacing is not None:
+            per_case_mm[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, volume.spacing,
+                                                                  empty_policy=policy)
     with_mm = len(per_case_mm) == len(per_case)
     if per_case_mm and not with_mm:
         print(f"warning: {len(per_case_mm)} of {len(per_case)} {split} volumes have a '{SPACING_KEY}'; "
@@ -168,7 +144,7 @@ def evaluate_workdir(workdir: str | Path, split: str = "test", checkpoint: str |
     voxel = evaluation.summarize(per_case, class_names)
     mm = evaluation.summarize(per_case_mm, class_names) if with_mm else None
     meta = {"split": split, "checkpoint": str(checkpoint), "checkpoint_directory": model.directory,
-            "checkpoint_step": model.step, "model": config.eval.model, "data_dir": str(root),
+            "checkpoint_step": model.step, "model": config.eval.model, "data_dir": data.description,
             "num_cases": len(per_case), "cases_with_spacing": len(per_case_mm),
             "empty_policy": policy, "empty_policy_description": evaluation.EMPTY_POLICIES[policy]}
     summary = _summary_json(voxel, mm, meta)
@@ -197,7 +173,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("checkpoint", "best", "'best', 'last' or a saved step number.")
     flags.DEFINE_enum("empty_policy", None, list(evaluation.EMPTY_POLICIES),
                       "Empty-mask policy (default: the run's config.eval.empty_policy).")
-    flags.DEFINE_string("data_dir", None, "SSL4MIS data root, instead of the run's.")
+    flags.DEFINE_string("data_dir", None, "Data folder instead of the run's (an SSL4MIS root, or the "
+                        "TFDS folder for a run with data.source='tfds').")
     flags.mark_flag_as_required("workdir")
 
 

@@ -40,6 +40,7 @@ def tiny_config(cache_dir: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
+    c.pretrain.steps = 0  # stage 1 has its own tests (test_pretrain.py)
     d = c.data
     d.cache_dir = str(cache_dir)
     d.phantom.splits = (3, 1, 1)
@@ -69,7 +70,7 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     results = train.train_and_evaluate(config, workdir)
     return types.SimpleNamespace(config=config, workdir=workdir, results=results,
-                                 root=train.prepare_data(config))
+                                 root=train.prepare_data(config).root)
 
 
 @pytest.fixture(scope="module")

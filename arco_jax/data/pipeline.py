@@ -156,22 +156,25 @@ class TrainStreams:
                 close()
 
 
-def make_train_streams(root: str | os.PathLike, *, num_labeled_slices: int,
-                       labeled_batch_size: int, unlabeled_batch_size: int,
-                       patch_size: tuple[int, int], seed: int, num_classes: int = 4,
-                       shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
-                       unlabeled_with_labels: bool = False) -> TrainStreams:
-    """Labeled (first num_labeled_slices lines of train_slices.list) and unlabeled streams.
-
-    Batch sizes are global (over all processes); each process gets its share. The streams
-    use independent seeds derived from `seed`. Unlabeled batches carry no label unless
-    `unlabeled_with_labels` (for diagnostics only).
-    """
-    labeled_names, unlabeled_names = ssl4mis.split_labeled(root, num_labeled_slices)
+def make_source_streams(labeled_source, unlabeled_source, *, labeled_batch_size: int,
+                        unlabeled_batch_size: int, patch_size: tuple[int, int], seed: int,
+                        shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
+                        unlabeled_with_labels: bool = False) -> TrainStreams:
+    """Labeled and unlabeled streams over two random-access sources of slices (any of
+    `arco_jax.data.datasets`). Batch sizes are global (over all processes); each process gets
+    its share. The streams use independent seeds derived from `seed`. Unlabeled batches carry
+    no label unless `unlabeled_with_labels` (for diagnostics only)."""
     common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count)
-    labeled = make_stream(ssl4mis.SliceSource(root, labeled_names, num_classes),
-                          global_batch_size=labeled_batch_size, stream=0, **common)
-    unlabeled = make_stream(ssl4mis.SliceSource(root, unlabeled_names, num_classes),
-                            global_batch_size=unlabeled_batch_size, stream=1,
+    labeled = make_stream(labeled_source, global_batch_size=labeled_batch_size, stream=0, **common)
+    unlabeled = make_stream(unlabeled_source, global_batch_size=unlabeled_batch_size, stream=1,
                             keep_label=unlabeled_with_labels, **common)
     return TrainStreams(labeled, unlabeled)
+
+
+def make_train_streams(root: str | os.PathLike, *, num_labeled_slices: int, num_classes: int = 4,
+                       **kwargs) -> TrainStreams:
+    """`make_source_streams` over an SSL4MIS folder: the labeled set is the first
+    num_labeled_slices lines of train_slices.list, the rest is unlabeled."""
+    labeled_names, unlabeled_names = ssl4mis.split_labeled(root, num_labeled_slices)
+    return make_source_streams(ssl4mis.SliceSource(root, labeled_names, num_classes),
+                               ssl4mis.SliceSource(root, unlabeled_names, num_classes), **kwargs)

@@ -324,24 +324,42 @@ def tfds_labeled_slice_count(data_dir: str | os.PathLike, labeled_patients: int,
     return computed
 
 
+def volume_source(data_dir: str | os.PathLike, split: str):
+    """Random access to the 'volumes' records of a split (list order)."""
+    return _open(prepared_dir(data_dir, "volumes"), split)
+
+
+def tfds_volume_cases(data_dir: str | os.PathLike, split: str) -> list[str]:
+    """Case names of a split in list order (images are not decompressed)."""
+    skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+    source = _open(prepared_dir(data_dir, "volumes"), split, decoders=skip)
+    return [_text(source[i]["case"]) for i in range(len(source))]
+
+
+def read_volume(source, index: int, num_classes: int = acdc.NUM_CLASSES, where: str = "volumes"
+                ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(case, image (D, H, W) float32, label (D, H, W) uint8, spacing or None) of record
+    `index`, checked to be list line `index` with labels in range."""
+    record = source[index]
+    case = _text(record["case"])
+    if int(record["order"]) != index:
+        raise DataError(f"{where}: record {index} holds list line {int(record['order'])}; "
+                        "the files are out of list order")
+    label = record["label"]
+    if label.size and label.max() >= num_classes:
+        raise DataError(f"{where}: volume {case} has label {label.max()} outside [0, {num_classes})")
+    return case, record["image"], label, record.get("spacing")
+
+
 def iterate_tfds_volumes(data_dir: str | os.PathLike, split: str,
                          num_classes: int = acdc.NUM_CLASSES
                          ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yields (case, image (D, H, W) float32, label (D, H, W) uint8) in list order, as
     ssl4mis.iterate_volumes."""
-    path = prepared_dir(data_dir, "volumes")
-    source = _open(path, split)
+    source = volume_source(data_dir, split)
+    where = f"{prepared_dir(data_dir, 'volumes')} {split}"
     for index in range(len(source)):
-        record = source[index]
-        case = _text(record["case"])
-        if int(record["order"]) != index:
-            raise DataError(f"{path}: {split} record {index} holds list line "
-                            f"{int(record['order'])}; the files are out of list order")
-        label = record["label"]
-        if label.size and label.max() >= num_classes:
-            raise DataError(f"{path}: {split} volume {case} has label {label.max()} outside "
-                            f"[0, {num_classes})")
-        yield case, record["image"], label
+        yield read_volume(source, index, num_classes, where)[:3]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
