@@ -110,6 +110,23 @@ def nearest_neighbour_loss(student: jax.Array, teacher: jax.Array, pool: jax.Arr
     return jnp.mean(jnp.take_along_axis(student_dist, neighbours, axis=1))
 
 
+def softmax_mse(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+    """Mean Teacher consistency (SSL4MIS): mean over pixels and classes of the squared
+    difference of the two softmax maps; the teacher's is a constant."""
+    student = jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1)
+    teacher = jax.lax.stop_gradient(jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1))
+    return jnp.mean(jnp.square(student - teacher))
+
+
+def sigmoid_rampup(progress: jax.Array, length: float) -> jax.Array:
+    """exp(-5 (1 - min(progress / length, 1))^2), the ramp-up of Laine & Aila used by SSL4MIS
+    (progress and length in the same unit); 1 when length is 0."""
+    if length == 0:
+        return jnp.ones_like(jnp.asarray(progress, jnp.float32))
+    phase = 1.0 - jnp.clip(jnp.asarray(progress, jnp.float32) / length, 0.0, 1.0)
+    return jnp.exp(-5.0 * phase * phase)
+
+
 def entropy(probs: jax.Array) -> jax.Array:
     """Per-pixel Shannon entropy of a probability map (last axis)."""
     return -jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)

@@ -29,6 +29,15 @@ class ClassBank:
         rows = jnp.arange(self.keys.shape[1])
         return rows[None, :] < self.count[:, None]
 
+    @property
+    def filled_and_zero_row(self) -> jax.Array:
+        """(C, K) `filled` plus, while a class's buffer is not full, its next row: rows are
+        written in order from a zero init, so that row is still all zeros. This is the
+        reference code's bank, a list that starts as one zero vector which stays until the list
+        overflows its capacity."""
+        rows = jnp.arange(self.keys.shape[1])
+        return rows[None, :] < jnp.minimum(self.count + 1, self.capacity)[:, None]
+
 
 def init_class_bank(capacities: tuple[int, ...], dim: int, dtype=jnp.float32) -> ClassBank:
     largest = max(capacities)
@@ -41,18 +50,26 @@ def init_class_bank(capacities: tuple[int, ...], dim: int, dtype=jnp.float32) ->
 
 
 def push_class_bank(bank: ClassBank, keys: jax.Array, valid: jax.Array) -> ClassBank:
-    """Write keys (C, n, D) for every class with valid[c]; other classes are untouched."""
+    """Write keys (C, n, D) into each class's ring buffer; other classes are untouched.
+
+    valid (C,) is either bool (class c writes all n rows or none) or an integer count (class c
+    writes its first valid[c] rows, clipped to [0, n]), for a variable number of real entries
+    under a static shape.
+    """
     num_classes, n, _ = keys.shape
+    if valid.dtype == jnp.bool_:
+        written = jnp.where(valid, n, 0)
+    else:
+        written = jnp.clip(valid, 0, n).astype(jnp.int32)
     rows = (bank.pointer[:, None] + jnp.arange(n)[None, :]) % bank.capacity[:, None]
-    # Rows of skipped classes point past the end; mode='drop' ignores those writes.
-    rows = jnp.where(valid[:, None], rows, bank.keys.shape[1])
+    # Rows not written point past the end; mode='drop' ignores those writes.
+    rows = jnp.where(jnp.arange(n)[None, :] < written[:, None], rows, bank.keys.shape[1])
     classes = jnp.broadcast_to(jnp.arange(num_classes)[:, None], rows.shape)
     new_keys = bank.keys.at[classes, rows].set(keys.astype(bank.keys.dtype), mode="drop")
-    step = jnp.where(valid, n, 0)
     return bank.replace(
         keys=new_keys,
-        pointer=(bank.pointer + step) % bank.capacity,
-        count=jnp.minimum(bank.count + step, bank.capacity),
+        pointer=(bank.pointer + written) % bank.capacity,
+        count=jnp.minimum(bank.count + written, bank.capacity),
     )
 
 

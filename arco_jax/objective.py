@@ -7,6 +7,10 @@ coarse map at that pixel (`fine_at_pixels`), and the mean representation over a 
 class prototype, a pooling cell for L_nn) is the head applied to the region's mean input
 (`region_sums`). The reference materialises (B, 496, H, W) maps for student and teacher and
 then uses a few hundred pixels of them.
+
+The same function runs the baselines (`methods.py`): with every unlabeled weight 0 it is the
+labeled-only UNet, and `loss_weights.consistency` adds the Mean Teacher term. The switches on
+which ARCO's paper and code differ (`arco.negatives`, `arco.nn_gradient`, ...) act here.
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from arco_jax import augment, losses, memory, sampling
+from arco_jax.config import LOSS_TERMS
 from arco_jax.state import Networks, TrainState
+
+ARCO_UNLABELED_TERMS = ("unsup", "contrast", "eqv", "nn")  # Terms that need the strong view.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,19 +115,108 @@ def head_inputs(fwd: Forward, which: str, features) -> HeadInputs:
     return HeadInputs(fwd.head(which, "coarse", features), features[-1])
 
 
-def contrastive_term(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,
-                     labels: jax.Array, teacher_probs: jax.Array, low: jax.Array, high: jax.Array,
-                     bank: memory.ClassBank):
-    """Pixel contrast with class prototypes as positives and bank entries of the other classes
-    as negatives. Returns (loss, updated bank, metrics)."""
+# The reference code's bank filter (taken over from U2PL): a pixel of class c enters bank c when
+# the teacher's prob of c is below this and c's rank among the teacher's classes is in
+# [low, high) on unlabeled images, or below `low` on labeled images whose label is not c.
+REFERENCE_BANK_MAX_PROB = 0.97
+REFERENCE_BANK_RANKS = (3, 20)
+
+
+def _contrast_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(anchor, enqueue, negative) keys of one contrastive term."""
+    anchor_key, enqueue_key, negative_key = jax.random.split(key, 3)
+    return anchor_key, enqueue_key, negative_key
+
+
+def anchor_masks(labels: jax.Array, low: jax.Array, teacher_probs: jax.Array, threshold: float):
+    """(reliable, anchors), each (C, B, H, W): per class, the reliable (low-entropy) pixels and
+    those of them the teacher also believes in (prob of the class > threshold)."""
+    classes = jnp.arange(teacher_probs.shape[-1])
+    reliable = (labels[None] == classes[:, None, None, None]) & low[None]
+    return reliable, reliable & (jnp.moveaxis(teacher_probs, -1, 0) > threshold)
+
+
+def class_ranks(probs: jax.Array) -> jax.Array:
+    """(C, ...) rank of each class in a descending, stable sort of probs (..., C): 0 = argmax."""
+    p = jnp.moveaxis(probs, -1, 0)
+    classes = jnp.arange(p.shape[0])
+    above = p[None] > p[:, None]  # [c, k]: class k ranks above c
+    tied_before = (p[None] == p[:, None]) & (classes[None, :] < classes[:, None]).reshape(
+        (p.shape[0], p.shape[0]) + (1,) * (p.ndim - 1))
+    return jnp.sum(above | tied_before, axis=1)
+
+
+def bank_candidates(labels: jax.Array, teacher_probs: jax.Array, high: jax.Array, num_labeled: int,
+                    negatives: str) -> jax.Array:
+    """(C, B, H, W): the pixels offered to each class's bank.
+
+    'other_classes': the uncertain (high-entropy) pixels of class c, later drawn as negatives
+    for the other classes. 'reference': the reference code's masks, the uncertain pixels of
+    class c whose teacher prob of c is below REFERENCE_BANK_MAX_PROB and whose teacher ranks c
+    in [3, 20) (unlabeled) or in the top 3 while the label is not c (labeled). The labeled
+    part contradicts its own class condition, so it is always empty, and with 3 classes or
+    fewer no rank reaches 3: the bank stays empty apart from rare unlabeled pixels.
+    """
+    classes = jnp.arange(teacher_probs.shape[-1])
+    uncertain = (labels[None] == classes[:, None, None, None]) & high[None]
+    if negatives == "other_classes":
+        return uncertain
+    low_rank, high_rank = REFERENCE_BANK_RANKS
+    ranks = class_ranks(teacher_probs)
+    labeled = jnp.arange(labels.shape[0]) < num_labeled
+    class_mask = jnp.where(labeled[None, :, None, None],
+                           (ranks < low_rank) & (labels[None] != classes[:, None, None, None]),
+                           (ranks >= low_rank) & (ranks < high_rank))
+    return uncertain & (jnp.moveaxis(teacher_probs, -1, 0) < REFERENCE_BANK_MAX_PROB) & class_mask
+
+
+def _distinct_draw(key: jax.Array, mask: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Up to n distinct candidates of a flat mask, uniformly: (n indices, how many are real)."""
+    n = min(n, mask.shape[0])
+    scores = jnp.where(mask, jax.random.uniform(key, mask.shape), -1.0)
+    _, index = jax.lax.top_k(scores, n)
+    return index, jnp.minimum(jnp.sum(mask), n)
+
+
+def update_bank(key: jax.Array, fwd: Forward, teacher: HeadInputs, labels: jax.Array, teacher_probs: jax.Array,
+                high: jax.Array, bank: memory.ClassBank, num_labeled: int) -> memory.ClassBank:
+    """Push L2-normalised teacher representations of each class's bank candidates.
+
+    'other_classes' draws bank_enqueue of them uniformly with replacement; 'reference' pushes
+    only distinct pixels (up to bank_enqueue), as the reference pushes each matching pixel
+    once, so a nearly empty mask leaves a nearly empty bank.
+    """
+    a = fwd.config.arco
+    num_classes = teacher_probs.shape[-1]
+    grid = labels.shape
+    _, enqueue_key, _ = _contrast_keys(key)
+    masks = bank_candidates(labels, teacher_probs, high, num_labeled, a.negatives).reshape(num_classes, -1)
+    keys = jax.random.split(enqueue_key, num_classes)
+    if a.negatives == "other_classes":
+        index, valid = jax.vmap(lambda k, m: sampling.sample(k, m, a.bank_enqueue, method="uniform"))(keys, masks)
+    else:
+        index, valid = jax.vmap(lambda k, m: _distinct_draw(k, m, a.bank_enqueue))(keys, masks)
+    reps = fwd.head("teacher", "fine_at_pixels", *teacher, *_pixels(index, grid))
+    return memory.push_class_bank(bank, losses.l2_normalize(reps), valid)
+
+
+def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,
+                       labels: jax.Array, teacher_probs: jax.Array, low: jax.Array, bank: memory.ClassBank):
+    """Each class's InfoNCE term with class prototypes as positives and bank entries as
+    negatives; the bank is read, never written. Returns (per_class_loss (C,), counted (C,),
+    present (C,)); `losses.class_average` of them is the contrastive loss.
+
+    counted: the class is present and has anchors and negatives. Negatives of class c:
+    'other_classes', filled rows of the other classes' banks; 'reference', the rows of bank c
+    plus its zero row while the bank is not full (the reference's initial zero vector: while
+    the bank is empty, every negative logit is 0).
+    """
     a = fwd.config.arco
     num_classes = teacher_probs.shape[-1]
     grid = labels.shape  # (B, H, W)
-    anchor_key, enqueue_key, negative_key = jax.random.split(key, 3)
+    anchor_key, _, negative_key = _contrast_keys(key)
     classes = jnp.arange(num_classes)
-
-    class_masks = labels[None] == classes[:, None, None, None]  # (C, B, H, W)
-    reliable = class_masks & low[None]
+    reliable, anchor_mask = anchor_masks(labels, low, teacher_probs, a.anchor_prob_threshold)
     present = jnp.any(reliable, axis=(1, 2, 3))
 
     # Positives: mean teacher representation over each class's reliable pixels.
@@ -130,31 +226,26 @@ def contrastive_term(key: jax.Array, fwd: Forward, student: HeadInputs, teacher:
                           / jnp.maximum(jnp.sum(region_weights, 0), 1.0)[:, None])
 
     # Anchors: student representations at reliable pixels the teacher also believes in.
-    anchor_masks = reliable & (jnp.moveaxis(teacher_probs, -1, 0) > a.anchor_prob_threshold)
     sample = jax.vmap(lambda k, m: sampling.sample(
         k, m, a.num_anchors, method=a.sampler, num_strata=a.num_strata, layout=a.strata,
         spatial_shape=grid if a.strata == "spatial" else None))
     anchor_index, has_anchors = sample(jax.random.split(anchor_key, num_classes),
-                                       anchor_masks.reshape(num_classes, -1))
+                                       anchor_mask.reshape(num_classes, -1))
     anchors = fwd.project(fwd.head("student", "fine_at_pixels", *student,
                                    *_pixels(anchor_index, grid)))  # (C, n, D)
 
-    # Bank update first (as the reference): uncertain teacher pixels of each class.
-    enqueue = jax.vmap(lambda k, m: sampling.sample(k, m, a.bank_enqueue, method="uniform"))
-    enqueue_index, enqueue_ok = enqueue(jax.random.split(enqueue_key, num_classes),
-                                        (class_masks & high[None]).reshape(num_classes, -1))
-    keys = fwd.head("teacher", "fine_at_pixels", *teacher, *_pixels(enqueue_index, grid))
-    bank = memory.push_class_bank(bank, losses.l2_normalize(keys), enqueue_ok)
-
-    # Negatives for class c: bank entries of every other class (static-shape mask over rows).
+    # Negatives: a static-shape mask over the rows of all banks.
     flat_keys = bank.keys.reshape(-1, bank.keys.shape[-1])
     num_draws = a.num_anchors * a.num_negatives
+    if a.negatives == "other_classes":
+        rows_for = lambda c: bank.filled & (classes != c)[:, None]  # noqa: E731
+    else:
+        rows_for = lambda c: bank.filled_and_zero_row & (classes == c)[:, None]  # noqa: E731
 
-    def per_class(args):
+    def one_class(args):
         k, c, class_anchors, prototype = args
         draw_key, shuffle_key = jax.random.split(k)
-        candidates = (bank.filled & (classes != c)[:, None]).reshape(-1)
-        index, ok = sampling.sample(draw_key, candidates, num_draws, method=a.sampler,
+        index, ok = sampling.sample(draw_key, rows_for(c).reshape(-1), num_draws, method=a.sampler,
                                     num_strata=a.num_strata, layout="index")
         # Samplers return slots stratum by stratum: shuffle so each anchor sees all strata.
         index = jax.random.permutation(shuffle_key, index)
@@ -162,11 +253,21 @@ def contrastive_term(key: jax.Array, fwd: Forward, student: HeadInputs, teacher:
         return losses.info_nce(class_anchors, prototype, negatives, a.temperature), ok
 
     per_class_loss, has_negatives = jax.lax.map(
-        per_class, (jax.random.split(negative_key, num_classes), classes, anchors, prototypes))
-    loss = losses.class_average(per_class_loss, has_anchors & has_negatives, present)
-    metrics = {"contrast_classes": jnp.sum(present & has_anchors & has_negatives).astype(jnp.float32),
+        one_class, (jax.random.split(negative_key, num_classes), classes, anchors, prototypes))
+    return per_class_loss, has_anchors & has_negatives & present, present
+
+
+def contrastive_term(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,
+                     labels: jax.Array, teacher_probs: jax.Array, low: jax.Array, high: jax.Array,
+                     bank: memory.ClassBank, num_labeled: int):
+    """Pixel contrast: the bank is updated first (as the reference), then the class terms of
+    `per_class_contrast` read it. Returns (loss, updated bank, metrics)."""
+    bank = update_bank(key, fwd, teacher, labels, teacher_probs, high, bank, num_labeled)
+    per_class_loss, counted, present = per_class_contrast(key, fwd, student, teacher, labels, teacher_probs,
+                                                          low, bank)
+    metrics = {"contrast_classes": jnp.sum(counted).astype(jnp.float32),
                "bank_fill": jnp.mean(bank.count / bank.capacity)}
-    return loss, bank, metrics
+    return losses.class_average(per_class_loss, counted, present), bank, metrics
 
 
 def pooled_embedding(fwd: Forward, which: str, inputs: HeadInputs, grid_size: int) -> jax.Array:
@@ -184,9 +285,28 @@ def pooled_embedding(fwd: Forward, which: str, inputs: HeadInputs, grid_size: in
     return losses.l2_normalize(reps.reshape(batch, -1))
 
 
+def consistency_weight(config: ml_collections.ConfigDict, progress: jax.Array) -> jax.Array:
+    """loss_weights.consistency ramped up as SSL4MIS's Mean Teacher: 0 before the delay, then
+    w sigmoid_rampup(t/T, rampup) (SSL4MIS steps the ramp every 150 iterations; here it is
+    continuous)."""
+    a = config.arco
+    ramp = config.loss_weights.consistency * losses.sigmoid_rampup(progress, a.consistency_rampup)
+    return jnp.where(progress >= a.consistency_delay, ramp, 0.0)
+
+
+def consistency_term(key: jax.Array, fwd: Forward, student_logits_u: jax.Array, image_u: jax.Array) -> jax.Array:
+    """Mean Teacher consistency: the student's softmax on the unlabeled images against the
+    teacher's on the same images plus clipped Gaussian noise (SSL4MIS noises the teacher's input)."""
+    noise_key, teacher_key = jax.random.split(key)
+    std = fwd.config.arco.consistency_noise
+    noise = jnp.clip(std * jax.random.normal(noise_key, image_u.shape, jnp.float32), -2.0 * std, 2.0 * std)
+    teacher_logits, _ = fwd.teacher_net(image_u + noise.astype(image_u.dtype), teacher_key)
+    return losses.softmax_mse(student_logits_u, teacher_logits)
+
+
 def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, progress: jax.Array,
               config: ml_collections.ConfigDict, nets: Networks):
-    """Total ARCO loss and what the step needs besides gradients.
+    """Total loss of the configured method and what the step needs besides gradients.
 
     Returns (loss, (terms, batch_stats, bank, pool_rows, metrics)); `terms` holds the
     unweighted value of every term (0 for terms whose weight is 0: their work is skipped).
@@ -196,14 +316,29 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
                      "contrast", "eqv_view", "eqv_warp", "eqv_student"], jax.random.split(key, 10)))
     fwd = Forward(config, nets, params, state.teacher, state.batch_stats)
     num_labeled = batch.image_l.shape[0]
+    arco_unlabeled = any(w[name] > 0 for name in ARCO_UNLABELED_TERMS)
 
-    logits_l, features_l = fwd.student(batch.image_l, keys["student_l"])
+    # Mean Teacher alone runs the student once over labeled and unlabeled images (one
+    # batch-norm batch, as SSL4MIS); otherwise the labeled images have their own forward.
+    joint = w.consistency > 0 and not arco_unlabeled
+    if joint:
+        logits, _ = fwd.student(jnp.concatenate([batch.image_l, batch.image_u]), keys["student_l"])
+        logits_l, clean_logits_u = logits[:num_labeled], logits[num_labeled:]
+    else:
+        logits_l, features_l = fwd.student(batch.image_l, keys["student_l"])
     zero = jnp.zeros((), jnp.float32)
-    terms = dict.fromkeys(("sup", "unsup", "contrast", "eqv", "nn"), zero)
+    terms = dict.fromkeys(LOSS_TERMS, zero)
+    weights = {name: w[name] for name in LOSS_TERMS}
     terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l)
     metrics = dict(sup_parts)
-    if not any(w[name] > 0 for name in ("unsup", "contrast", "eqv", "nn")):
-        return w.sup * terms["sup"], (terms, fwd.batch_stats, state.bank, None, metrics)  # Labeled-only.
+    if w.consistency > 0:
+        student_key, consistency_key = jax.random.split(jax.random.fold_in(key, len(keys)))
+        if not joint:
+            clean_logits_u, _ = fwd.student(batch.image_u, student_key)
+        terms["consistency"] = consistency_term(consistency_key, fwd, clean_logits_u, batch.image_u)
+        weights["consistency"] = metrics["consistency_weight"] = consistency_weight(config, progress)
+    if not arco_unlabeled:
+        return _weighted_sum(weights, terms), (terms, fwd.batch_stats, state.bank, None, metrics)
 
     # Pseudo-labels from the teacher on the weak view, then the strong view of the same images.
     weak_logits, _ = fwd.teacher_net(batch.image_u, keys["teacher_weak"])
@@ -231,13 +366,15 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         low, high = reliability_masks(jax.nn.softmax(jax.lax.stop_gradient(logits_u).astype(jnp.float32), -1),
                                       num_labeled, progress, a.entropy_percentile)
         terms["contrast"], bank, contrast_metrics = contrastive_term(
-            keys["contrast"], fwd, student, teacher, labels, teacher_probs, low, high, state.bank)
+            keys["contrast"], fwd, student, teacher, labels, teacher_probs, low, high, state.bank, num_labeled)
         metrics.update(contrast_metrics)
     if w.nn > 0:
         unlabeled = slice(num_labeled, None)
         student_emb = pooled_embedding(fwd, "student", student.rows(unlabeled), a.nn_grid)
         teacher_emb = pooled_embedding(fwd, "teacher", teacher.rows(unlabeled), a.nn_grid)
         terms["nn"] = losses.nearest_neighbour_loss(student_emb, teacher_emb, state.pool.rows, a.nn_topk)
+        if a.nn_gradient == "reference":  # The reference's L_nn is a number that trains nothing.
+            terms["nn"] = jax.lax.stop_gradient(terms["nn"])
         pool_rows = teacher_emb
     if w.eqv > 0:
         # Equivariance: student(T(x)) should match T(student(x)) on confident foreground.
@@ -253,5 +390,8 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         warped_mask = augment.warp_affine(mask[..., None].astype(jnp.float32), matrices, order=1)[..., 0]
         terms["eqv"] = losses.equivariance_loss(warped_logits, target, warped_mask)
 
-    total = sum(config.loss_weights[name] * value for name, value in terms.items())
-    return total, (terms, fwd.batch_stats, bank, pool_rows, metrics)
+    return _weighted_sum(weights, terms), (terms, fwd.batch_stats, bank, pool_rows, metrics)
+
+
+def _weighted_sum(weights: dict, terms: dict) -> jax.Array:
+    return sum(weights[name] * value for name, value in terms.items())

@@ -19,9 +19,8 @@ of each class's term, and the ratios of these variances to uniform's.
 Writes <out>/variance.json (everything, per batch too), variance.md (tables) and variance.png
 (variance ratios per class and estimator). <out> defaults to <workdir>/variance.
 
-The class terms come from `per_class_contrast`, which mirrors `objective.contrastive_term`
-without its bank update and class average; the study checks on its first batch that the two
-agree for a shared key and records the difference (`mirror_check`).
+The class terms come from `objective.per_class_contrast`, the function the train step's
+contrastive term is built from, called here without the step's bank update.
 """
 from __future__ import annotations
 
@@ -40,11 +39,11 @@ import orbax.checkpoint as ocp
 
 from arco_jax import augment, inference, losses, memory, sampling, train
 from arco_jax.config import validate
-from arco_jax.objective import Batch, Forward, HeadInputs, contrastive_term, head_inputs, reliability_masks
+from arco_jax.objective import (Batch, Forward, HeadInputs, anchor_masks, head_inputs, per_class_contrast,
+                                 reliability_masks)
 from arco_jax.state import Networks, TrainState, build_networks
 
 TRAINABLE = ("head", "projector")  # the student parameters the contrastive term's gradient is taken for
-MIRROR_TOLERANCE = 1e-4  # |mirror - contrastive_term| allowed, relative to max(1, |loss|)
 
 
 class Estimator(NamedTuple):
@@ -143,96 +142,12 @@ def contrast_inputs(state: TrainState, batch: Batch, key: jax.Array, config: ml_
     return ContrastInputs(features, teacher, labels, teacher_probs, low, state.bank)
 
 
-# ----------------------------------------------------------------------------- per-class terms
-
-def anchor_masks(labels: jax.Array, low: jax.Array, teacher_probs: jax.Array, threshold: float):
-    """(reliable, anchors): per class (C, B, H, W), the reliable pixels and those of them the
-    teacher also believes in (prob > threshold), as `contrastive_term` defines them."""
-    classes = jnp.arange(teacher_probs.shape[-1])
-    reliable = (labels[None] == classes[:, None, None, None]) & low[None]
-    return reliable, reliable & (jnp.moveaxis(teacher_probs, -1, 0) > threshold)
-
-
-def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,
-                       labels: jax.Array, teacher_probs: jax.Array, low: jax.Array, bank: memory.ClassBank):
-    """Each class's InfoNCE term as `contrastive_term` computes it for the same key, with the
-    bank held fixed (no update). Returns (per_class_loss (C,), counted (C,), present (C,));
-    `losses.class_average` of these is contrastive_term's loss."""
-    a = fwd.config.arco
-    num_classes = teacher_probs.shape[-1]
-    grid = labels.shape
-    anchor_key, _, negative_key = jax.random.split(key, 3)  # the middle key feeds the bank update
-    classes = jnp.arange(num_classes)
-    reliable, anchor_mask = anchor_masks(labels, low, teacher_probs, a.anchor_prob_threshold)
-    present = jnp.any(reliable, axis=(1, 2, 3))
-
-    region_sums, region_weights = fwd.head("teacher", "region_sums", *teacher,
-                                           jnp.moveaxis(reliable, 0, 1).astype(jnp.float32))
-    prototypes = fwd.head("teacher", "output", jnp.sum(region_sums, 0)
-                          / jnp.maximum(jnp.sum(region_weights, 0), 1.0)[:, None])
-
-    sample = jax.vmap(lambda k, m: sampling.sample(
-        k, m, a.num_anchors, method=a.sampler, num_strata=a.num_strata, layout=a.strata,
-        spatial_shape=grid if a.strata == "spatial" else None))
-    anchor_index, has_anchors = sample(jax.random.split(anchor_key, num_classes),
-                                       anchor_mask.reshape(num_classes, -1))
-    anchors = fwd.project(fwd.head("student", "fine_at_pixels", *student,
-                                   *jnp.unravel_index(anchor_index, grid)))
-
-    flat_keys = bank.keys.reshape(-1, bank.keys.shape[-1])
-    num_draws = a.num_anchors * a.num_negatives
-
-    def one_class(args):
-        k, c, class_anchors, prototype = args
-        draw_key, shuffle_key = jax.random.split(k)
-        candidates = (bank.filled & (classes != c)[:, None]).reshape(-1)
-        index, ok = sampling.sample(draw_key, candidates, num_draws, method=a.sampler,
-                                    num_strata=a.num_strata, layout="index")
-        index = jax.random.permutation(shuffle_key, index)
-        negatives = flat_keys[index].reshape(a.num_anchors, a.num_negatives, -1)
-        return losses.info_nce(class_anchors, prototype, negatives, a.temperature), ok
-
-    per_class_loss, has_negatives = jax.lax.map(
-        one_class, (jax.random.split(negative_key, num_classes), classes, anchors, prototypes))
-    return per_class_loss, has_anchors & has_negatives & present, present
-
-
 # ----------------------------------------------------------------------------- draws
 
 def estimator_config(config: ml_collections.ConfigDict, estimator: Estimator) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.arco.sampler, cfg.arco.strata = estimator.sampler, estimator.strata
     return cfg
-
-
-def mirror_error(config: ml_collections.ConfigDict, nets: Networks, estimator: Estimator, params: dict,
-                 teacher: dict, inputs: ContrastInputs, key: jax.Array) -> tuple[float, float]:
-    """(|class average of per_class_contrast - contrastive_term's loss|, that loss) for one
-    key, the bank held fixed in both (no pixel is offered to its update)."""
-    cfg = estimator_config(config, estimator)
-
-    @jax.jit
-    def both(params, teacher, inputs, key):
-        fwd = Forward(cfg, nets, params, teacher, {})
-        student = head_inputs(fwd, "student", inputs.features)
-        args = (inputs.teacher, inputs.labels, inputs.teacher_probs, inputs.low)
-        reference, _, _ = contrastive_term(key, fwd, student, *args, jnp.zeros_like(inputs.low), inputs.bank)
-        return losses.class_average(*per_class_contrast(key, fwd, student, *args, inputs.bank)), reference
-
-    mirrored, reference = (float(x) for x in both(params, teacher, inputs, key))
-    return abs(mirrored - reference), reference
-
-
-def check_mirror(config: ml_collections.ConfigDict, nets: Networks, estimator: Estimator, state: TrainState,
-                 inputs: ContrastInputs, key: jax.Array) -> dict:
-    """Stop if the per-class mirror no longer reproduces contrastive_term (e.g. after a change
-    to the objective); otherwise return what was compared, for the report."""
-    error, reference = mirror_error(config, nets, estimator, state.params, state.teacher, inputs, key)
-    if not error <= MIRROR_TOLERANCE * max(1.0, abs(reference)):
-        raise RuntimeError(
-            f"per_class_contrast disagrees with objective.contrastive_term by {error:.3g} ({estimator.name}): "
-            f"the mirror in arco_jax/variance.py is out of date")
-    return {"estimator": estimator.name, "abs_error": error, "loss": reference}
 
 
 def make_draw_statistics(config: ml_collections.ConfigDict, nets: Networks, estimator: Estimator):
@@ -405,9 +320,7 @@ def markdown_report(report: dict) -> str:
         "",
         f"A variance from {settings['draws']} draws has a relative standard error of about {rel_se:.2f} per "
         f"batch (Gaussian approximation), about {rel_se / math.sqrt(settings['batches']):.2f} averaged over "
-        f"{settings['batches']} batches. Mean shift: difference from uniform's mean loss in standard errors. "
-        f"Mirror check ({report['mirror_check']['estimator']}, batch 0): |class average of the per-class "
-        f"terms - contrastive_term| = {report['mirror_check']['abs_error']:.2e}.",
+        f"{settings['batches']} batches. Mean shift: difference from uniform's mean loss in standard errors.",
         "",
     ]
     return "\n".join(lines)
@@ -474,7 +387,7 @@ def run_study(workdir: str | Path, *, checkpoint: str | int = "best", batches: i
         raise ValueError(f"--draws must be an integer >= 2 (a variance needs two draws), got {draws!r}")
     estimators = estimators_for(samplers, strata)
     config, state, directory, step = restore_run(workdir, checkpoint)
-    if not int(np.sum(state.bank.count)):
+    if config.arco.negatives == "other_classes" and not int(np.sum(state.bank.count)):
         raise ValueError(f"{workdir}: the memory banks of the '{directory}' state are empty, so the contrastive "
                          f"term has no negatives (was the run trained with loss_weights.contrast > 0?)")
     nets = build_networks(config)
@@ -495,8 +408,6 @@ def run_study(workdir: str | Path, *, checkpoint: str | int = "best", batches: i
             inputs_key, draws_key = jax.random.split(jax.random.fold_in(base_key, b))
             inputs = prepare(state, next_batch(streams), inputs_key)
             keys = jax.random.split(draws_key, draws)
-            if b == 0:
-                mirror_check = check_mirror(config, nets, estimators[-1], state, inputs, keys[0])
             candidates = np.asarray(count_anchors(inputs)).tolist()
             per_batch.append({
                 "batch": b, "anchor_candidates": dict(zip(class_names, candidates)),
@@ -518,7 +429,6 @@ def run_study(workdir: str | Path, *, checkpoint: str | int = "best", batches: i
         "estimators": names,
         "anchor_candidates": {c: float(np.mean([r["anchor_candidates"][c] for r in per_batch])) for c in class_names},
         "summary": summarize(per_batch, names, class_names, draws),
-        "mirror_check": mirror_check,
         "per_batch": per_batch,
     }
     out.mkdir(parents=True, exist_ok=True)

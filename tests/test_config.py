@@ -281,8 +281,8 @@ def test_supervised_weight_must_be_positive():
 
 def test_unknown_loss_term_is_rejected():
     c = phantom_config()
-    c.loss_weights.consistency = 1.0
-    assert_rejected(c, "loss_weights", mentions=("consistency",))
+    c.loss_weights.consistancy = 1.0
+    assert_rejected(c, "loss_weights", mentions=("consistancy",))
 
 
 @pytest.mark.parametrize("value", [0.0, -0.01])
@@ -323,7 +323,7 @@ def parse_command_line(*overrides: str):
 
 
 def test_command_line_overrides_reach_the_config():
-    c = parse_command_line("--config.train.steps=7", "--config.arco.sampler=sag",
+    c = parse_command_line("--config.train.steps=7", "--config.arco.sampler=sag", "--config.method=arco_sag",
                            "--config.data.patch_size=(32,32)", "--config.loss_weights.nn=0.0")
     assert c.train.steps == 7
     assert c.arco.sampler == "sag"

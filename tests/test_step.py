@@ -221,7 +221,7 @@ def test_metrics_hold_every_term_and_the_weighted_total(full):
         assert name in metrics, name
         assert np.isfinite(metrics[name]), name
     for term in config_lib.LOSS_TERMS:
-        assert metrics[f"loss_{term}"] > 0.0, term
+        assert (metrics[f"loss_{term}"] > 0.0) == (full.config.loss_weights[term] > 0.0), term
     weights = full.config.loss_weights
     total = sum(weights[t] * metrics[f"loss_{t}"] for t in config_lib.LOSS_TERMS)
     np.testing.assert_allclose(metrics["loss"], total, rtol=1e-6)

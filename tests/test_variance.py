@@ -116,6 +116,7 @@ def tiny_config(cache_dir: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
+    c.pretrain.steps = 0
     d = c.data
     d.cache_dir = str(cache_dir)
     d.phantom.splits = (3, 1, 1)
@@ -182,9 +183,6 @@ def test_report_covers_the_estimators_batches_and_classes(study):
         assert len({frozenset(c) for c in counted.values()}) == 1
         for cls in counted["uniform"]:
             assert b["anchor_candidates"][cls] > 0
-    # The class terms come from a mirror of objective.contrastive_term, checked on the run.
-    assert r["mirror_check"]["estimator"] == "sag/spatial"
-    assert r["mirror_check"]["abs_error"] <= 1e-4 * max(1.0, abs(r["mirror_check"]["loss"]))
 
 
 def test_summary_is_the_batch_average_and_ratios_are_against_uniform(study):
