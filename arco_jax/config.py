@@ -11,14 +11,18 @@ import os
 
 import ml_collections
 
+from arco_jax import methods
 from arco_jax.evaluation import EMPTY_POLICIES
 
 SAMPLERS = ("uniform", "sg", "sag")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 STRATA_LAYOUTS = ("index", "spatial")
 DATASETS = ("phantom", "acdc")
+DATA_SOURCES = ("h5", "tfds")
 ONE_PATIENT_SPLITS = ("whole", "reference")
-LOSS_TERMS = ("sup", "unsup", "contrast", "eqv", "nn")
+LOSS_TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")
+NEGATIVE_SOURCES = ("other_classes", "reference")
+NN_GRADIENTS = ("active", "reference")
 
 
 class ConfigError(ValueError):
@@ -32,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "acdc"  # 'acdc': SSL4MIS h5 layout in data_dir; 'phantom': built in.
-    c.data.data_dir = ""  # Root of the SSL4MIS layout (train_slices.list, data/...).
+    c.data.data_dir = ""  # Root of the SSL4MIS layout (source 'h5') or the TFDS folder (source 'tfds').
+    c.data.source = "h5"  # ACDC as 'h5' (SSL4MIS files) or 'tfds' (built by arco_jax.data.tfds_acdc).
     c.data.cache_dir = ""  # Where the phantom is generated ('' -> $ARCO_JAX_CACHE or ~/.cache).
     c.data.num_classes = 4
     c.data.class_names = ("RV", "Myo", "LV")  # Foreground classes 1..num_classes-1.
@@ -56,9 +61,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.rep_dim = 496  # Sum of the UNet decoder widths, as the reference head.
     c.model.dtype = "float32"  # Compute dtype: 'bfloat16' on GPU/TPU; params and optimizer stay float32.
 
+    # What runs: 'supervised', 'mean_teacher', 'arco_ns', 'arco_sg', 'arco_sag' or 'custom'
+    # (arco_jax/methods.py); validate checks the loss weights and sampler against it.
+    c.method = "arco_sg"
+
     c.arco = ml_collections.ConfigDict()
+    # Where the paper and the reference code differ: 'paper' and 'code' fix every switch marked
+    # (variant) below and data.one_patient_split; 'custom' lets each be set (methods.VARIANTS).
+    c.arco.variant = "custom"
     c.arco.sampler = "sg"  # 'uniform' (ARCO-NS / MONA), 'sg', 'sag'.
-    c.arco.strata = "index"  # 'index': over the candidate list (code); 'spatial': image grid (paper).
+    c.arco.strata = "index"  # (variant) 'index': over the candidate list (code); 'spatial': image grid (paper).
+    # (variant) Negatives of class c: 'other_classes': bank entries of the other classes (ReCo,
+    # the paper); 'reference': the code's U2PL-style bank of class c, which stays almost empty.
+    c.arco.negatives = "other_classes"
     c.arco.num_strata = 16
     c.arco.num_anchors = 256
     c.arco.num_negatives = 512
@@ -74,9 +89,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.arco.nn_pool_size = 36
     c.arco.nn_topk = 5
     c.arco.nn_grid = 4  # L_nn compares representations average-pooled to a grid x grid map.
+    c.arco.nn_gradient = "active"  # (variant) 'active': L_nn trains the student; 'reference': value only.
     c.arco.ema_decay = 0.99
     c.arco.teacher_train_mode = True  # Reference: teacher with dropout and batch-stat BN.
-    c.arco.warp_pseudo_labels = True  # Warp pseudo-labels with the strong view (the reference does not).
+    c.arco.warp_pseudo_labels = True  # (variant) Warp pseudo-labels with the strong view (the code does not).
+    # Mean Teacher consistency (loss_weights.consistency): weight w exp(-5 (1 - t / (rampup T))^2)
+    # from t = delay T on, 0 before; the teacher sees the unlabeled image plus Gaussian noise
+    # of this std clipped at 2 std (SSL4MIS: ramp over the whole run, 1000 of 30000 steps off).
+    c.arco.consistency_rampup = 1.0
+    c.arco.consistency_delay = 1000 / 30000
+    c.arco.consistency_noise = 0.1
 
     c.loss_weights = ml_collections.ConfigDict()
     c.loss_weights.sup = 1.0
@@ -84,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss_weights.contrast = 0.01
     c.loss_weights.eqv = 1.0
     c.loss_weights.nn = 1.0
+    c.loss_weights.consistency = 0.0  # Mean Teacher softmax MSE (the 'mean_teacher' method).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.01
@@ -91,6 +114,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.nesterov = True
     c.optim.weight_decay = 1e-4
     c.optim.poly_power = 0.9
+
+    # Stage 1, relational pretraining (ISD / MONA style), run before stage 2 in the same job:
+    # global steps [0, pretrain.steps) are stage 1, [pretrain.steps, + train.steps) stage 2.
+    # Stage 2 starts its student and teacher from the stage-1 student, with a fresh optimizer.
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.steps = 0  # 0 skips stage 1 (the reference runs 30000).
+    c.pretrain.learning_rate = 0.01
+    c.pretrain.momentum = 0.9
+    c.pretrain.nesterov = False  # The reference's stage 1 uses plain momentum.
+    c.pretrain.weight_decay = 1e-4
+    c.pretrain.poly_power = 0.9
+    c.pretrain.ema_decay = 0.99
+    c.pretrain.queue_size = 36  # Teacher embeddings the similarity distributions range over.
+    c.pretrain.student_temperature = 0.1
+    c.pretrain.teacher_temperature = 0.1
+    c.pretrain.global_dim = 512  # Pooled bottleneck -> MLP -> this many dimensions.
+    c.pretrain.window = 64  # Local embedding: windows of the logits, stride window/2 ...
+    c.pretrain.window_grid = 8  # ... each average-pooled to grid x grid cells.
+    c.pretrain.global_weight = 1.0
+    c.pretrain.local_weight = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 30000
@@ -124,9 +167,13 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     """Raise ConfigError on the first setting that cannot work; cheap, no data is read."""
     d, a = c.data, c.arco
     _choice(d.dataset, "data.dataset", DATASETS)
+    _choice(d.source, "data.source", DATA_SOURCES)
+    if d.source == "tfds" and d.dataset != "acdc":
+        _fail("data.source", f"'tfds' is built for ACDC only; the {d.dataset!r} dataset is read as 'h5'")
     if d.dataset == "acdc":
         if not d.data_dir:
-            _fail("data.data_dir", "is required for dataset 'acdc' (the folder with train_slices.list)")
+            _fail("data.data_dir", "is required for dataset 'acdc' (the folder with train_slices.list, or the "
+                  "TFDS folder with source 'tfds')")
         if not os.path.isdir(d.data_dir):
             _fail("data.data_dir", f"{d.data_dir!r} is not a directory")
         if d.labeled_patients not in (1, 3, 7):
@@ -170,6 +217,15 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
         _fail("arco.ema_decay", f"must lie in (0, 1), got {a.ema_decay}")
     if not 0.0 <= a.entropy_percentile <= 50.0:
         _fail("arco.entropy_percentile", f"must lie in [0, 50], got {a.entropy_percentile}")
+    _choice(a.variant, "arco.variant", methods.VARIANT_NAMES)
+    _choice(a.negatives, "arco.negatives", NEGATIVE_SOURCES)
+    _choice(a.nn_gradient, "arco.nn_gradient", NN_GRADIENTS)
+    _choice(a.warp_pseudo_labels, "arco.warp_pseudo_labels", (True, False))
+    for field in ("consistency_rampup", "consistency_noise"):
+        if not (isinstance(a[field], (int, float)) and a[field] >= 0):
+            _fail(f"arco.{field}", f"must be a number >= 0, got {a[field]!r}")
+    if not (isinstance(a.consistency_delay, (int, float)) and 0.0 <= a.consistency_delay < 1.0):
+        _fail("arco.consistency_delay", f"is a fraction of train.steps in [0, 1), got {a.consistency_delay!r}")
 
     for term in LOSS_TERMS:
         w = c.loss_weights[term]
@@ -180,11 +236,40 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     extra = set(c.loss_weights.keys()) - set(LOSS_TERMS)
     if extra:
         _fail("loss_weights", f"unknown terms {sorted(extra)}; known: {', '.join(LOSS_TERMS)}")
+    _choice(c.method, "method", methods.METHOD_NAMES)
+    for field, problem in methods.method_conflicts(c) + methods.variant_conflicts(c):
+        _fail(field, problem)
 
     _positive(c.optim.learning_rate, "optim.learning_rate")
     for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         value = c.train[field]
         if not (isinstance(value, int) and value > 0):
             _fail(f"train.{field}", f"must be a positive integer, got {value!r}")
+    _validate_pretrain(c)
     _choice(c.eval.model, "eval.model", ("student", "teacher"))
     _choice(c.eval.empty_policy, "eval.empty_policy", tuple(EMPTY_POLICIES))
+
+
+def _validate_pretrain(c: ml_collections.ConfigDict) -> None:
+    p, d = c.pretrain, c.data
+    if not (isinstance(p.steps, int) and p.steps >= 0):
+        _fail("pretrain.steps", f"must be an integer >= 0 (0 skips stage 1), got {p.steps!r}")
+    for field in ("learning_rate", "queue_size", "student_temperature", "teacher_temperature", "global_dim",
+                  "window", "window_grid"):
+        _positive(p[field], f"pretrain.{field}")
+    for field in ("global_weight", "local_weight", "weight_decay", "momentum"):
+        if not (isinstance(p[field], (int, float)) and p[field] >= 0):
+            _fail(f"pretrain.{field}", f"must be a number >= 0, got {p[field]!r}")
+    if not 0.0 < p.ema_decay < 1.0:
+        _fail("pretrain.ema_decay", f"must lie in (0, 1), got {p.ema_decay}")
+    if p.steps == 0:
+        return  # Stage 1 is skipped: its sizes need not fit the data.
+    batch = d.batch_labeled + d.batch_unlabeled
+    if batch > p.queue_size:
+        _fail("pretrain.queue_size", f"{p.queue_size} rows cannot take a batch of {batch} teacher embeddings "
+              "(stage 1 uses data.batch_labeled + data.batch_unlabeled)")
+    if p.window > min(d.patch_size):
+        _fail("pretrain.window", f"{p.window} px windows do not fit a {tuple(d.patch_size)} patch")
+    if p.window_grid % 2 or p.window % p.window_grid:
+        _fail("pretrain.window_grid", f"must be even and divide pretrain.window ({p.window}) so windows at a "
+              f"stride of half a window start on whole cells, got {p.window_grid}")

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from arco_jax import memory, models
+from arco_jax import memory, models, pretrain
+from arco_jax.config import LOSS_TERMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Networks:
     segmenter: nn.Module
     head: nn.Module
     projector: nn.Module
+    relational: pretrain.RelationalNetworks  # stage-1 heads
 
 
 @flax.struct.dataclass
@@ -28,6 +30,11 @@ class TrainState:
 
     params: {'segmenter', 'head', 'projector'} of the student.
     teacher: {'params': {'segmenter', 'head'}, 'batch_stats'}: the EMA teacher.
+    step: the global step: [0, pretrain.steps) is stage 1, then train.steps of stage 2. The
+      segmenter (params['segmenter'], batch_stats, teacher) is shared by both stages.
+    opt_state: stage 2's optimizer (stage 1 has its own in `pretrain`, so stage 2 starts fresh).
+    pretrain: stage 1's heads, optimizer and queues (pretrain.RelationalState); None when stage 1
+      is skipped. Kept through stage 2 so the pytree, and a checkpoint of it, never changes shape.
     bad_step: -1 while every loss term stayed finite; otherwise the first step that was not
       (the state is then frozen at the last good step so nothing good is overwritten).
     """
@@ -42,6 +49,7 @@ class TrainState:
     rng: jax.Array
     bad_step: jax.Array
     bad_terms: jax.Array
+    pretrain: pretrain.RelationalState | None = None
 
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
@@ -53,6 +61,7 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
         segmenter=models.build_segmenter(model_config, dtype),
         head=models.build_head(model_config, dtype),
         projector=models.build_projector(model_config, dtype),
+        relational=pretrain.build_relational_networks(config),
     )
 
 
@@ -69,6 +78,7 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
 
 
 def learning_rate(config: ml_collections.ConfigDict, step) -> jax.Array:
+    """Stage 2's learning rate at its own step count (global step - pretrain.steps)."""
     o = config.optim
     frac = jnp.clip(step / config.train.steps, 0.0, 1.0)
     return o.learning_rate * (1.0 - frac) ** o.poly_power
@@ -90,7 +100,7 @@ def create_train_state(config: ml_collections.ConfigDict, nets: Networks,
     init_key, dropout_key, pool_key, state_key = jax.random.split(key, 4)
     dummy = jnp.zeros((1, h, w, config.model.in_channels), jnp.float32)
     variables = nets.segmenter.init({"params": init_key, "dropout": dropout_key}, dummy, train=False)
-    _, features = nets.segmenter.apply(variables, dummy, train=False)
+    logits, features = nets.segmenter.apply(variables, dummy, train=False)
     head_params = nets.head.init(jax.random.fold_in(init_key, 1), features)["params"]
     rep = jnp.zeros((1, config.model.rep_dim), jnp.float32)
     projector_params = nets.projector.init(jax.random.fold_in(init_key, 2), rep)["params"]
@@ -111,8 +121,13 @@ def create_train_state(config: ml_collections.ConfigDict, nets: Networks,
         rng=state_key,
         bad_step=jnp.full((), -1, jnp.int32),
         bad_terms=jnp.zeros((len(LOSS_TERM_NAMES),), bool),
+        # Its own key stream: the stage-2 draws above are those of a run without stage 1.
+        pretrain=pretrain.init_relational_state(config, nets.relational, params["segmenter"], logits, features,
+                                                jax.random.fold_in(key, 1)) if config.pretrain.steps > 0 else None,
     )
 
 
-# Order of the loss terms in TrainState.bad_terms (and in the step's metrics).
-LOSS_TERM_NAMES = ("sup", "unsup", "contrast", "eqv", "nn", "grad")
+# Order of the loss terms in TrainState.bad_terms (and in the step's metrics, where a term the
+# current stage does not compute is 0), then the gradient.
+STAGE_TERMS = {1: pretrain.TERMS, 2: LOSS_TERMS}
+LOSS_TERM_NAMES = tuple(dict.fromkeys(LOSS_TERMS + pretrain.TERMS)) + ("grad",)

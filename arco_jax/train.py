@@ -2,7 +2,8 @@
 loop (progress, validation, checkpoints, preemption), and the final test report.
 
 `train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags, so a
-notebook can call this directly. Running it again on the same workdir resumes exactly: the
+notebook can call this directly. With config.pretrain.steps > 0 the job is two stages on one
+global step counter, relational pretraining (pretrain.py) then ARCO, in the same state. Running it again on the same workdir resumes exactly: the
 state, the data streams' positions and metrics.jsonl continue from the newest intact
 checkpoint, and the final parameters and logged metrics are bit for bit those of a run that
 was never interrupted (same device count and backend).
@@ -26,13 +27,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from arco_jax import evaluation, parallel
+from arco_jax import evaluation, parallel, pretrain
 from arco_jax.checkpointing import Checkpoints, committed_steps, write_json
 from arco_jax.config import ConfigError, validate
-from arco_jax.data import phantom, pipeline, ssl4mis
+from arco_jax.data import datasets, pipeline
 from arco_jax.objective import Batch
-from arco_jax.state import LOSS_TERM_NAMES, Networks, TrainState, build_networks, build_optimizer, create_train_state
-from arco_jax.step import make_train_step
+from arco_jax.state import (LOSS_TERM_NAMES, STAGE_TERMS, Networks, TrainState, build_networks, build_optimizer,
+                            create_train_state)
+from arco_jax.step import make_pretrain_step, make_train_step
 
 DISTANCE_UNITS = "voxels"
 # Fields a resumed run may change without --allow_config_change: they decide when things are
@@ -146,27 +148,23 @@ def check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, allow
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(config: ml_collections.ConfigDict) -> Path:
-    """Root of the SSL4MIS layout: the user's ACDC folder, or the phantom (built on first use)."""
+def prepare_data(config: ml_collections.ConfigDict) -> datasets.SegmentationData:
+    """The dataset config.data names (the phantom is built on first use)."""
+    return datasets.open_data(config)
+
+
+def labeled_slices(config: ml_collections.ConfigDict, data: datasets.SegmentationData) -> int:
     d = config.data
-    if d.dataset == "phantom":
-        p = d.phantom
-        return phantom.ensure_phantom(d.cache_dir or None, splits=tuple(p.splits), image_size=p.image_size,
-                                      slices=tuple(p.slices), seed=p.seed)
-    return Path(d.data_dir)
+    return data.labeled_slice_count(d.dataset, d.labeled_patients, d.one_patient_split)
 
 
-def labeled_slices(config: ml_collections.ConfigDict, root: Path) -> int:
+def make_streams(config: ml_collections.ConfigDict, data: datasets.SegmentationData,
+                 num_labeled: int) -> pipeline.TrainStreams:
     d = config.data
-    return ssl4mis.labeled_slice_count(d.dataset, d.labeled_patients, d.one_patient_split, root=root)
-
-
-def make_streams(config: ml_collections.ConfigDict, root: Path, num_labeled: int) -> pipeline.TrainStreams:
-    d = config.data
-    return pipeline.make_train_streams(
-        root, num_labeled_slices=num_labeled, labeled_batch_size=d.batch_labeled,
+    return pipeline.make_source_streams(
+        *data.train_sources(num_labeled, d.num_classes), labeled_batch_size=d.batch_labeled,
         unlabeled_batch_size=d.batch_unlabeled, patch_size=tuple(d.patch_size), seed=config.seed,
-        num_classes=d.num_classes, worker_count=d.num_workers)
+        worker_count=d.num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +177,11 @@ class EvalSplit:
     volumes: tuple[tuple[str, np.ndarray, np.ndarray], ...]
 
 
-def load_split(root: Path, split: str, num_classes: int) -> EvalSplit:
-    cases = tuple(ssl4mis.list_cases(root, split))
-    mine = cases[jax.process_index()::jax.process_count()]
-    return EvalSplit(split, cases, tuple((c, *ssl4mis.load_volume(root, c, num_classes)) for c in mine))
+def load_split(data: datasets.SegmentationData, split: str, num_classes: int) -> EvalSplit:
+    cases = tuple(data.cases(split))
+    mine = range(jax.process_index(), len(cases), jax.process_count())
+    return EvalSplit(split, cases, tuple((v.case, v.image, v.label)
+                                         for v in datasets.iterate_volumes(data, split, num_classes, mine)))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -286,15 +285,16 @@ class MetricLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def progress(self, step: int, metrics: dict) -> None:
+    def progress(self, step: int, metrics: dict, stage: int) -> None:
+        """`stage`: the stage of the update that produced `step` (its terms are printed)."""
         now = time.perf_counter()
         last_step, last_time = self._mark
         self._mark = (step, now)
         rate = (step - last_step) / (now - last_time) if last_step is not None and now > last_time else float("nan")
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
-        self.write({"split": "train", "step": step, "steps_per_sec": rate, **metrics})
-        terms = " ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in LOSS_TERM_NAMES[:-1])
-        log.info("step %d/%d | loss %.4f (%s) | lr %.5f | %.2f steps/s | ETA %s",
+        self.write({"split": "train", "step": step, "stage": stage, "steps_per_sec": rate, **metrics})
+        terms = " ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in STAGE_TERMS[stage])
+        log.info("stage %d | step %d/%d | loss %.4f (%s) | lr %.5f | %.2f steps/s | ETA %s", stage,
                  step, self.total_steps, metrics["loss"], terms, metrics["lr"], rate, _duration(eta))
 
 
@@ -410,48 +410,66 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
         best = None
     best = {"step": best["step"], "val_dice": best["val_dice"]} if best else {"step": None, "val_dice": -1.0}
 
-    train_step = jax.jit(make_train_step(config, nets, tx),
-                         in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                         out_shardings=(replicated, replicated), donate_argnums=0)
+    # Global steps [0, boundary) are stage 1 (relational pretraining), the rest stage 2 (ARCO).
+    boundary = config.pretrain.steps
+    total_steps = boundary + config.train.steps
+    shardings = dict(in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+    steppers = {2: jax.jit(make_train_step(config, nets, tx), **shardings)}
+    if boundary:
+        steppers[1] = jax.jit(make_pretrain_step(config, nets), **shardings)
+        hand_over = jax.jit(pretrain.hand_over, in_shardings=replicated, out_shardings=replicated,
+                            donate_argnums=0)
     evaluate = Evaluator(config, nets)
-    metric_log = MetricLog(workdir, config.train.steps)
+    metric_log = MetricLog(workdir, total_steps)
     metric_log.keep_until(start)
 
     # The loop. Every step that logs, validates or saves first checks that training is still
-    # finite, so a frozen (diverged) state is never saved.
+    # finite, so a frozen (diverged) state is never saved. Validation runs in both stages (the
+    # supervised term trains the segmenter in stage 1 too), but only stage-2 states compete
+    # for the best checkpoint: stage 1 is a starting point, not a result. The boundary step is
+    # always saved: the stage-1 result, the state stage 2 starts from.
     step = start
     started = time.perf_counter()
     t = config.train
     try:
-        while step < t.steps:
+        while step < total_steps:
+            stage = 1 if step < boundary else 2
             labeled, unlabeled = next(streams)
             arrays = parallel.global_batch(mesh, {"image_l": labeled["image"], "label_l": labeled["label"],
                                                   "image_u": unlabeled["image"]})
-            state, metrics = train_step(state, Batch(**arrays))
+            state, metrics = steppers[stage](state, Batch(**arrays))
             step += 1
-            if step == start + 1:  # The first call compiles; keep that out of the steps/s figure.
+            if step == boundary:  # Stage 2 starts from the stage-1 student, as student and teacher.
+                state = hand_over(state)
+            if step == max(start, boundary if stage == 2 else 0) + 1:
+                # A stage's first call compiles; keep that out of the steps/s figure.
                 jax.block_until_ready(metrics)
-                log.info("train step compiled and run once in %.1f s", time.perf_counter() - started)
+                log.info("stage %d train step compiled and run once in %.1f s", stage, time.perf_counter() - started)
                 metric_log.start(step)
-            last = step == t.steps
+            last = step == total_steps
+            at_boundary = step == boundary
             preempted = preemption.reached(step)
-            if not (last or preempted or step % t.log_every == 0 or step % t.eval_every == 0
+            if not (last or preempted or at_boundary or step % t.log_every == 0 or step % t.eval_every == 0
                     or step % t.checkpoint_every == 0):
                 continue
             _check_finite(state, workdir / "checkpoints")
             if last or step % t.log_every == 0:
-                metric_log.progress(step, {k: float(v) for k, v in parallel.fetch(metrics).items()})
+                metric_log.progress(step, {k: float(v) for k, v in parallel.fetch(metrics).items()}, stage)
             if last or step % t.eval_every == 0:
                 summary, _ = evaluate(state, val_split)
                 dice = mean_dice(summary)
-                metric_log.write({"split": "val", "step": step, "dice": dice})
-                improved = dice > best["val_dice"]
+                metric_log.write({"split": "val", "step": step, "stage": stage, "dice": dice})
+                improved = stage == 2 and dice > best["val_dice"]
                 if improved:
                     best = {"step": step, "val_dice": dice}
                     checkpoints.save_best(step, state, dice)
-                log.info("val step %d | mean Dice %.4f | best %.4f at step %d%s", step, dice,
-                         best["val_dice"], best["step"], " (new best)" if improved else "")
-            if last or preempted or step % t.checkpoint_every == 0:
+                if stage == 1:
+                    log.info("val step %d (stage 1: not a candidate for best) | mean Dice %.4f", step, dice)
+                else:
+                    log.info("val step %d | mean Dice %.4f | best %.4f at step %s%s", step, dice,
+                             best["val_dice"], best["step"], " (new best)" if improved else "")
+            if last or preempted or at_boundary or step % t.checkpoint_every == 0:
                 checkpoints.save_last(step, state, streams)
             if preempted and not last:
                 checkpoints.wait()
@@ -467,7 +485,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
     test_split = parallel.on_all_processes(
         lambda: load_split(root, "test", config.data.num_classes), "reading the test split")
     results = {"dataset": config.data.dataset, "labeled_patients": config.data.labeled_patients,
-               "labeled_slices": num_labeled, "steps": step, "sampler": config.arco.sampler,
+               "labeled_slices": num_labeled, "steps": step, "pretrain_steps": boundary, "sampler": config.arco.sampler,
                "strata": config.arco.strata, "empty_policy": config.eval.empty_policy,
                "distance_units": DISTANCE_UNITS, "best_val": best, "test": {}}
     tables = []

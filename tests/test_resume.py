@@ -269,13 +269,14 @@ def test_changed_config_is_refused_with_the_fields_listed(interrupted, compile_c
     config_path = interrupted["base"] / "tiny_config.py"
     completed = subprocess.run(
         cli_command(config_path, interrupted["resumed"], f"--config.train.steps={STEPS + 4}",
-                    "--config.arco.sampler=sag"),
+                    "--config.arco.sampler=sag", "--config.method=arco_sag"),
         cwd=REPO, env=cli_env(compile_cache), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 1, output[-3000:]
     assert "holds a run with another config" in output
     assert f"train.steps: {STEPS} -> {STEPS + 4}" in output
     assert "arco.sampler: 'sg' -> 'sag'" in output
+    assert "method: 'arco_sg' -> 'arco_sag'" in output
     assert "--allow_config_change" in output
     last = interrupted["resumed"] / "checkpoints" / "last"
     assert checkpointing.committed_steps(last) == [STEPS - CHECKPOINT_EVERY, STEPS]

@@ -43,6 +43,7 @@ def load_demo_config():
 def tiny_config(cache_dir: Path, steps: int = TRAIN_STEPS):
     """configs/demo.py shrunk to seconds: 3/1/1 phantom patients of 32 px, batches of 2+2."""
     c = load_demo_config()
+    c.pretrain.steps = 0  # stage 1 has its own tests (test_pretrain.py)
     d = c.data
     d.cache_dir = str(cache_dir)
     d.phantom.splits = (3, 1, 1)
