@@ -1,0 +1,203 @@
+"""The phantom study: every method at several label budgets and seeds, on the built-in data,
+summarised as mean +- std over seeds of the test Dice and HD95.
+
+  python -m arco_jax.study --out=runs/phantom_study
+
+runs configs/phantom_study.py for each method x labeled-patient budget x seed (5 x 3 x 3 by
+default), one workdir per run under <out>/runs/, and writes <out>/study.json (every run's
+numbers, wall time and command) and <out>/study.md (the table). A run whose results.json exists
+is not run again, and an interrupted run resumes from its checkpoint, so the same command
+continues a study that was stopped. Compiled programs are cached in <out>/jax_cache: a method
+compiles once for all its budgets and seeds.
+
+Test numbers are those of the validation-selected checkpoint (the published protocol); the
+std is over seeds (sample std, n - 1).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from arco_jax import methods
+
+REPO = Path(__file__).resolve().parent.parent
+STUDY_CONFIG = REPO / "configs" / "phantom_study.py"
+METHODS = ("supervised", "mean_teacher", "arco_ns", "arco_sg", "arco_sag")
+BUDGETS = (1, 3, 7)
+SEEDS = (0, 1, 2)
+
+
+def load_config(method: str, labeled_patients: int, seed: int, overrides: Sequence[str] = ()):
+    """configs/phantom_study.py with the method preset, the budget, the seed and any
+    `field=value` overrides (values parsed as Python literals when they are)."""
+    spec = importlib.util.spec_from_file_location("phantom_study_config", STUDY_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(f"method={method}")
+    config.data.labeled_patients = labeled_patients
+    config.seed = seed
+    for override in overrides:
+        field, _, text = override.partition("=")
+        if not _:
+            raise ValueError(f"override {override!r} is not field=value")
+        node = config
+        *parents, leaf = field.split(".")
+        for name in parents:
+            node = node[name]
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def run_name(method: str, labeled_patients: int, seed: int) -> str:
+    return f"{method}_p{labeled_patients}_s{seed}"
+
+
+def command_line(method: str, labeled_patients: int, seed: int, workdir: Path, overrides: Sequence[str]) -> str:
+    """The single-run command that reproduces one cell of the study."""
+    extra = "".join(f" --config.{o}" for o in overrides)
+    return (f"python -m arco_jax.main --config=configs/phantom_study.py:method={method} "
+            f"--config.data.labeled_patients={labeled_patients} --config.seed={seed}{extra} --workdir={workdir}")
+
+
+def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides: Sequence[str]) -> dict:
+    from arco_jax import train  # pylint: disable=import-outside-toplevel
+
+    workdir = out / "runs" / run_name(method, labeled_patients, seed)
+    record_path = workdir / "study_record.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    config = load_config(method, labeled_patients, seed, overrides)
+    started = time.perf_counter()
+    results = train.train_and_evaluate(config, workdir)
+    best = results["test"]["best"]["mean"]
+    record = {"method": method, "labeled_patients": labeled_patients, "seed": seed,
+              "labeled_slices": results["labeled_slices"], "steps": results["steps"],
+              "best_val": results["best_val"], "test_dice": best["dice"], "test_hd95": best["hd95"],
+              "test_asd": best["asd"],
+              "test_dice_per_class": {c: v["dice"] for c, v in results["test"]["best"]["per_class"].items()},
+              "wall_s": time.perf_counter() - started,
+              "command": command_line(method, labeled_patients, seed, workdir, overrides)}
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else float("nan")
+
+
+def summarize(records: list[dict], method_names: Sequence[str], budgets: Sequence[int]) -> dict:
+    cells = {}
+    for method in method_names:
+        for budget in budgets:
+            rows = [r for r in records if r["method"] == method and r["labeled_patients"] == budget]
+            if not rows:
+                continue
+            dice, dice_std = _mean_std([100 * r["test_dice"] for r in rows])
+            hd95, hd95_std = _mean_std([r["test_hd95"] for r in rows])
+            classes = rows[0]["test_dice_per_class"]
+            cells[f"{method}/{budget}"] = {
+                "method": method, "labeled_patients": budget, "seeds": [r["seed"] for r in rows],
+                "dice": dice, "dice_std": dice_std, "hd95": hd95, "hd95_std": hd95_std,
+                "dice_per_class": {c: _mean_std([100 * r["test_dice_per_class"][c] for r in rows])[0]
+                                   for c in classes},
+                "labeled_slices": rows[0]["labeled_slices"],
+            }
+    return cells
+
+
+def _pm(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    cells, budgets = report["cells"], report["budgets"]
+    header = "| Method | " + " | ".join(f"{b} patient{'s' if b > 1 else ''}: Dice % / HD95" for b in budgets) + " |"
+    lines = [
+        f"# Phantom study: test mean Dice (%) and HD95 (voxels), mean ± std over seeds {report['seeds']}",
+        "",
+        f"configs/phantom_study.py ({report['steps']} steps, {report['image_size']} px), validation-selected "
+        f"checkpoint, empty-mask policy {report['empty_policy']}. Total wall time "
+        f"{report['wall_s'] / 60:.1f} min on {report['machine']}.",
+        "",
+        header,
+        "|---|" + "---|" * len(budgets),
+    ]
+    for method in report["methods"]:
+        row = [method]
+        for budget in budgets:
+            cell = cells.get(f"{method}/{budget}")
+            row.append("–" if cell is None else
+                       f"{_pm(cell['dice'], cell['dice_std'], 1)} / {_pm(cell['hd95'], cell['hd95_std'], 2)}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Labeled slices per budget: " + ", ".join(
+        f"{b} patients -> {next(c['labeled_slices'] for c in cells.values() if c['labeled_patients'] == b)}"
+        for b in budgets if any(c["labeled_patients"] == b for c in cells.values())) + ".", ""]
+    return "\n".join(lines)
+
+
+def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: Sequence[int] = BUDGETS,
+              seeds: Sequence[int] = SEEDS, overrides: Sequence[str] = ()) -> dict:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from arco_jax import benchmark  # pylint: disable=import-outside-toplevel
+
+    out = Path(out)
+    for method in method_names:
+        if method not in methods.METHODS:
+            raise ValueError(f"--methods: {method!r} is not one of {', '.join(methods.METHODS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    started = time.perf_counter()
+    records = [run_one(out, m, b, s, overrides) for m in method_names for b in budgets for s in seeds]
+    config = load_config(method_names[0], budgets[0], seeds[0], overrides)
+    report = {
+        "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
+        "overrides": list(overrides), "steps": config.train.steps, "image_size": config.data.patch_size[0],
+        "empty_policy": config.eval.empty_policy,
+        "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
+        "machine": f"{benchmark.environment()['cpu_count']}-core {benchmark.environment()['processor']} "
+                   f"({benchmark.environment()['platform']}), JAX {jax.__version__}",
+        "command": "python -m arco_jax.study " + " ".join(
+            [f"--out={out}", f"--methods={','.join(method_names)}", f"--budgets={','.join(map(str, budgets))}",
+             f"--seeds={','.join(map(str, seeds))}", *[f"--override={o}" for o in overrides]]),
+        "cells": summarize(records, method_names, budgets),
+        "runs": records,
+    }
+    (out / "study.json").write_text(json.dumps(report, indent=2))
+    (out / "study.md").write_text(markdown(report))
+    return report
+
+
+def main(argv) -> None:
+    from absl import flags, logging  # pylint: disable=import-outside-toplevel
+
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)
+    report = run_study(f.out, f.methods, [int(b) for b in f.budgets], [int(s) for s in f.seeds], f.override)
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("out", "runs/phantom_study", "Study folder (runs/, study.json, study.md).")
+    flags.DEFINE_list("methods", list(METHODS), "Method presets (arco_jax/methods.py).")
+    flags.DEFINE_list("budgets", [str(b) for b in BUDGETS], "Labeled patients.")
+    flags.DEFINE_list("seeds", [str(s) for s in SEEDS], "Seeds.")
+    flags.DEFINE_multi_string("override", [], "field=value applied to every run (e.g. train.steps=20).")
+    app.run(main)

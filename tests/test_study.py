@@ -1,0 +1,64 @@
+"""The phantom study driver on a tiny grid: two cheap methods, one budget, two seeds, a few
+steps. The table's mean and std are those of the runs; a second call reuses finished runs."""
+import json
+
+import numpy as np
+import pytest
+
+from arco_jax import study
+
+TINY = ("data.phantom.image_size=32", "data.patch_size=[32, 32]", "data.phantom.splits=[6, 2, 2]",
+        "data.phantom.slices=[3, 4]", "data.batch_labeled=2", "data.batch_unlabeled=2", "train.steps=4",
+        "train.eval_every=2", "train.checkpoint_every=4", "train.log_every=2")
+METHODS = ("supervised", "mean_teacher")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, study.run_study(out, METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
+
+
+def test_every_run_is_recorded_with_its_command(report):
+    out, result = report
+    assert [(r["method"], r["labeled_patients"], r["seed"]) for r in result["runs"]] == [
+        (m, 1, s) for m in METHODS for s in (0, 1)]
+    for run in result["runs"]:
+        assert run["steps"] == 4 and 0.0 <= run["test_dice"] <= 1.0 and run["wall_s"] > 0
+        assert f"--config=configs/phantom_study.py:method={run['method']}" in run["command"]
+        assert f"--config.seed={run['seed']}" in run["command"] and "--config.train.steps=4" in run["command"]
+        assert (out / "runs" / study.run_name(run["method"], 1, run["seed"]) / "results.json").exists()
+    assert json.loads((out / "study.json").read_text())["cells"] == result["cells"]
+
+
+def test_cells_are_mean_and_sample_std_over_seeds(report):
+    _, result = report
+    for method in METHODS:
+        runs = [r for r in result["runs"] if r["method"] == method]
+        cell = result["cells"][f"{method}/1"]
+        dice = 100 * np.array([r["test_dice"] for r in runs])
+        assert cell["dice"] == pytest.approx(dice.mean()) and cell["dice_std"] == pytest.approx(dice.std(ddof=1))
+        assert cell["hd95"] == pytest.approx(np.mean([r["test_hd95"] for r in runs]))
+        assert cell["seeds"] == [0, 1]
+
+
+def test_markdown_has_a_row_per_method(report):
+    out, result = report
+    text = (out / "study.md").read_text()
+    for method in METHODS:
+        cell = result["cells"][f"{method}/1"]
+        assert f"| {method} | {cell['dice']:.1f} ± {cell['dice_std']:.1f} / " in text
+
+
+def test_a_second_call_reuses_finished_runs(report):
+    out, result = report
+    again = study.run_study(out, METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
+    assert again["runs"] == result["runs"]
+    assert again["this_call_s"] < 30
+
+
+def test_bad_method_and_override_are_named(tmp_path):
+    with pytest.raises(ValueError, match="--methods: 'arco_xx'"):
+        study.run_study(tmp_path, ("arco_xx",))
+    with pytest.raises(ValueError, match="override 'train.steps' is not field=value"):
+        study.load_config("arco_sg", 3, 0, ("train.steps",))
