@@ -142,6 +142,7 @@ def run_step_case(size: int, batch: str | None, terms: str, repeats: int) -> dic
     start = time.perf_counter()
     compiled = step.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - start
+    peak_before_running = _peak_memory_bytes()  # includes XLA's own memory while compiling
     holder = {"state": state}
 
     def call():
@@ -157,7 +158,21 @@ def run_step_case(size: int, batch: str | None, terms: str, repeats: int) -> dic
             "rep_dim": config.model.rep_dim, "num_anchors": config.arco.num_anchors,
             "num_negatives": config.arco.num_negatives, "compile_plus_first_s": compile_s + first,
             "median_s": median, "times_s": times, "flops": flops, "gflops_per_s": _rate(flops, median),
-            **forward, "peak_memory_bytes": _peak_memory_bytes()}
+            **forward, "peak_memory_bytes": _peak_memory_bytes(),
+            "peak_memory_before_running_bytes": peak_before_running, "step_buffers_bytes": _buffer_bytes(compiled)}
+
+
+def _buffer_bytes(compiled) -> int | None:
+    """What one call of the compiled step holds at its peak, by XLA's buffer assignment:
+    arguments + outputs - donated aliases + temporaries. Unlike the process's peak resident
+    set it leaves out the compiler's own memory and the Python runtime."""
+    try:
+        m = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError):
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
 def _time_forward(config, nets, state, batch, repeats: int) -> dict:
@@ -244,6 +259,9 @@ def summary_line(result: dict) -> str:
         line = (f"{result['case']:<24} {result['median_s']:8.3f} s/step  compile+first "
                 f"{result['compile_plus_first_s']:6.1f} s  peak {result['peak_memory_bytes'] / 2**30:6.2f} GiB"
                 + (f"  {rate:6.1f} GFLOP/s" if rate else ""))
+        if result.get("step_buffers_bytes"):
+            line += (f"  (before running {result['peak_memory_before_running_bytes'] / 2**30:.2f} GiB; "
+                     f"step buffers {result['step_buffers_bytes'] / 2**30:.2f} GiB)")
         if "forward_median_s" in result:
             line += (f"  forward {result['forward_median_s']:.3f} s, backward+update "
                      f"{result['backward_and_update_s']:.3f} s")

@@ -242,6 +242,10 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
     else:
         rows_for = lambda c: bank.filled_and_zero_row & (classes == c)[:, None]  # noqa: E731
 
+    # Rematerialised: a class's negatives (num_anchors x num_negatives x rep_dim, 260 MB at the
+    # ACDC settings) are gathered again in the backward pass instead of being kept for every
+    # class, which would hold about 2 GB of residuals through the step.
+    @jax.checkpoint
     def one_class(args):
         k, c, class_anchors, prototype = args
         draw_key, shuffle_key = jax.random.split(k)

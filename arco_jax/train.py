@@ -430,11 +430,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
     # for the best checkpoint: stage 1 is a starting point, not a result. The boundary step is
     # always saved: the stage-1 result, the state stage 2 starts from.
     step = start
-    started = time.perf_counter()
     t = config.train
     try:
         while step < total_steps:
             stage = 1 if step < boundary else 2
+            first_of_stage = step == max(start, boundary if stage == 2 else 0)
+            if first_of_stage:
+                started = time.perf_counter()
             labeled, unlabeled = next(streams)
             arrays = parallel.global_batch(mesh, {"image_l": labeled["image"], "label_l": labeled["label"],
                                                   "image_u": unlabeled["image"]})
@@ -442,7 +444,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
             step += 1
             if step == boundary:  # Stage 2 starts from the stage-1 student, as student and teacher.
                 state = hand_over(state)
-            if step == max(start, boundary if stage == 2 else 0) + 1:
+            if first_of_stage:
                 # A stage's first call compiles; keep that out of the steps/s figure.
                 jax.block_until_ready(metrics)
                 log.info("stage %d train step compiled and run once in %.1f s", stage, time.perf_counter() - started)
