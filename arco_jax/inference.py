@@ -85,8 +85,10 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise WorkdirError(f"{path} is not valid JSON ({err})") from err
 
 
-def _manager(directory: Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
+    """A read-only manager of a saved run's checkpoints (absolute: Orbax rejects relative paths
+    such as runs/demo/checkpoints/best)."""
+    return ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False))
 
 
 def checkpoint_steps(workdir: str | Path) -> dict[str, list[int]]:
@@ -96,7 +98,7 @@ def checkpoint_steps(workdir: str | Path) -> dict[str, list[int]]:
     for kind in CHECKPOINT_KINDS:
         directory = workdir / "checkpoints" / kind
         if directory.is_dir():
-            manager = _manager(directory)
+            manager = checkpoint_manager(directory)
             steps[kind] = sorted(manager.all_steps())
             manager.close()
         else:
@@ -157,7 +159,7 @@ def load_model(workdir: str | Path, checkpoint: str | int = "best") -> TrainedMo
     config = read_config(workdir)
     directory, step = resolve_checkpoint(workdir, checkpoint)
     target = abstract_train_state(config)
-    manager = _manager(workdir / "checkpoints" / directory)
+    manager = checkpoint_manager(workdir / "checkpoints" / directory)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except (ValueError, KeyError, FileNotFoundError) as err:

@@ -85,7 +85,7 @@ def restore_run(workdir: str | Path, checkpoint: str | int = "best"
     validate(config)
     directory, step = inference.resolve_checkpoint(workdir, checkpoint)
     path = workdir / "checkpoints" / directory
-    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    manager = inference.checkpoint_manager(path)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(inference.abstract_train_state(config))))

@@ -99,6 +99,13 @@ def test_load_model_restores_the_requested_checkpoint(run, model):
                                   logits_one if best_step == 1 else logits_two)
 
 
+def test_load_model_takes_a_relative_workdir(run, monkeypatch):
+    """As `--workdir=runs/demo` on the command line (Orbax itself needs absolute paths)."""
+    monkeypatch.chdir(run.workdir.parent)
+    relative = inference.load_model(run.workdir.name, 1)
+    assert (relative.directory, relative.step) == ("last", 1)
+
+
 def test_load_model_takes_the_network_that_eval_model_names(run, model, tmp_path):
     config = json.loads((run.workdir / "config.json").read_text())
     config["eval"]["model"] = "teacher"
