@@ -32,11 +32,16 @@ STANDARD_CASES = (
     "pipeline:256",
 )
 
-flags.DEFINE_string("cases", ",".join(STANDARD_CASES), "Comma-separated cases (see STANDARD_CASES).")
-flags.DEFINE_integer("repeats", 5, "Timed calls per case after the compiling call.")
-flags.DEFINE_string("out", "", "Write the results as JSON here.")
-flags.DEFINE_string("one", "", "Run one case in this process and print its JSON (used internally).")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defined only when run as a program, so importing this module (the study reads
+    `environment`) never clashes with another program's flags."""
+    flags.DEFINE_string("cases", ",".join(STANDARD_CASES), "Comma-separated cases (see STANDARD_CASES).")
+    flags.DEFINE_integer("repeats", 5, "Timed calls per case after the compiling call.")
+    flags.DEFINE_string("out", "", "Write the results as JSON here.")
+    flags.DEFINE_string("one", "", "Run one case in this process and print its JSON (used internally).")
 
 
 def environment() -> dict:
@@ -288,4 +293,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -1,6 +1,10 @@
 """The phantom study driver on a tiny grid: two cheap methods, one budget, two seeds, a few
 steps. The table's mean and std are those of the runs; a second call reuses finished runs."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ TINY = ("data.phantom.image_size=32", "data.patch_size=[32, 32]", "data.phantom.
         "data.phantom.slices=[3, 4]", "data.batch_labeled=2", "data.batch_unlabeled=2", "train.steps=4",
         "train.eval_every=2", "train.checkpoint_every=4", "train.log_every=2")
 METHODS = ("supervised", "mean_teacher")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,17 @@ def test_a_second_call_reuses_finished_runs(report):
     again = study.run_study(out, METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
     assert again["runs"] == result["runs"]
     assert again["this_call_s"] < 30
+
+
+def test_the_command_line_continues_a_finished_study(report):
+    out, result = report
+    command = [sys.executable, "-m", "arco_jax.study", f"--out={out}", f"--methods={','.join(METHODS)}",
+               "--budgets=1", "--seeds=0,1", *[f"--override={o}" for o in TINY]]
+    completed = subprocess.run(command, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                               text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    cell = result["cells"]["supervised/1"]
+    assert f"| supervised | {cell['dice']:.1f} ± {cell['dice_std']:.1f} / " in completed.stdout
 
 
 def test_bad_method_and_override_are_named(tmp_path):
