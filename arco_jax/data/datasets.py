@@ -97,6 +97,7 @@ class Ssl4misData:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.description = str(self.root)
+        self._cases = {}  # split -> list, read once (volume() looks a case up by index)
 
     def __str__(self) -> str:
         return self.description
@@ -110,7 +111,9 @@ class Ssl4misData:
                 ssl4mis.SliceSource(self.root, unlabeled, num_classes))
 
     def cases(self, split: str) -> list[str]:
-        return ssl4mis.list_cases(self.root, split)
+        if split not in self._cases:
+            self._cases[split] = ssl4mis.list_cases(self.root, split)
+        return self._cases[split]
 
     def volume(self, split: str, index: int, num_classes: int) -> Volume:
         case = self.cases(split)[index]
