@@ -29,9 +29,7 @@ import errno
 import json
 import logging
 import re
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import grain
@@ -39,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from arco_jax import parallel
+from arco_jax import files, parallel
 
 log = logging.getLogger("arco_jax")
 CORRUPT_DIR = "corrupt"
@@ -125,8 +124,9 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def committed_steps(directory: Path) -> list[int]:
+def committed_steps(directory: epath.PathLike) -> list[int]:
     """Steps Orbax has committed in a manager directory (tmp directories are not steps)."""
+    directory = epath.Path(directory)
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
@@ -164,8 +164,8 @@ class Checkpoints:
     """The `last` and `best` managers of a workdir. Every process calls every method (Orbax
     coordinates the writes; restore decisions are agreed between processes)."""
 
-    def __init__(self, directory: Path, keep: int, config_hash: str):
-        self.directory = Path(directory)
+    def __init__(self, directory: epath.PathLike, keep: int, config_hash: str):
+        self.directory = files.workdir_path(directory)
         self.config_hash = config_hash
         self._pending: dict[str, int] = {}
         self.last = self._manager("last", keep, {"state": ocp.StandardCheckpointHandler(),
@@ -198,7 +198,7 @@ class Checkpoints:
             if not (disk_full or isinstance(error, OSError)):
                 raise
             failed = self._pending.get(which, step)
-            intact = [s for s in committed_steps(Path(manager.directory)) if s != failed]
+            intact = [s for s in committed_steps(manager.directory) if s != failed]
             newest = (f"Checkpoints already complete are intact (newest: step {intact[-1]})" if intact
                       else "No checkpoint was complete yet")
             cause, remedy = (("no space left on the device", "Free space") if disk_full
@@ -224,7 +224,7 @@ class Checkpoints:
         self._write("best", step, lambda: self.best.save(step, args=args, force=True))
         self._pending["best"] = step
         if parallel.is_main_process():
-            write_json(self.best_file, record)
+            files.write_json(self.best_file, record)
 
     @property
     def latest_saved_step(self) -> int | None:
@@ -258,7 +258,7 @@ class Checkpoints:
                 f"checkpoint step {step} in {manager.directory} holds a state of another shape than this "
                 f"config builds (was the config changed?):\n  " + "\n  ".join(differences))
         if manager is self.last:
-            data_dir = Path(manager.directory) / str(step) / "data"
+            data_dir = epath.Path(manager.directory) / str(step) / "data"
             written = sorted(data_dir.glob("process_*-of-*.json")) if data_dir.is_dir() else []
             counts = {int(p.stem.rsplit("-of-", 1)[1]) for p in written}
             if counts and counts != {jax.process_count()}:
@@ -294,13 +294,12 @@ class Checkpoints:
         return None, None
 
     def _move_aside(self, manager: ocp.CheckpointManager, which: str, step: int, problem: str) -> None:
-        source = Path(manager.directory) / str(step)
+        source = epath.Path(manager.directory) / str(step)
         target = self.directory / CORRUPT_DIR / f"{which}-{step}-{int(time.time())}"
         log.warning("checkpoint step %d in %s cannot be used (%s); moved it to %s and trying the one "
                     "before", step, manager.directory, problem, target)
         if parallel.is_main_process() and source.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(source), str(target))
+            files.move(source, target)
         parallel.barrier(f"checkpoint moved aside: {which} {step}")
         manager.reload()
 
@@ -338,7 +337,7 @@ class Checkpoints:
         record = dict(meta["best"])
         if parallel.is_main_process() and (not self.best_file.exists()
                                            or json.loads(self.best_file.read_text()) != record):
-            write_json(self.best_file, record)
+            files.write_json(self.best_file, record)
         return {**record, "config_hash": meta.get("config_hash")}
 
     def forget_best(self) -> None:
@@ -350,9 +349,3 @@ class Checkpoints:
         parallel.barrier("best checkpoint forgotten")
         self.best.reload()
 
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write-then-rename so a crash never leaves a truncated file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)

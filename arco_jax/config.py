@@ -174,6 +174,10 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
         if not d.data_dir:
             _fail("data.data_dir", "is required for dataset 'acdc' (the folder with train_slices.list, or the "
                   "TFDS folder with source 'tfds')")
+        if str(d.data_dir).startswith(("gs://", "s3://")):
+            _fail("data.data_dir", f"{d.data_dir!r} is in a bucket; the readers (h5py, ArrayRecord) need a local "
+                  "folder: copy the data to the machine's disk first (launch/tpu_vm.sh does), and keep the "
+                  "workdir in the bucket")
         if not os.path.isdir(d.data_dir):
             _fail("data.data_dir", f"{d.data_dir!r} is not a directory")
         if d.labeled_patients not in (1, 3, 7):

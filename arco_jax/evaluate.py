@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from etils import epath
 
-from arco_jax import evaluation, inference, train
+from arco_jax import evaluation, files, inference, train
 from arco_jax.data import datasets, ssl4mis
 
 SPLITS = ("val", "test")
@@ -43,7 +45,7 @@ DISTANCE_METRICS = ("hd95", "asd")
 class Report:
     """What evaluate_workdir wrote: the folder, summary.json's content and table.md's text."""
 
-    directory: Path
+    directory: epath.Path
     summary: dict
     table: str
 
@@ -51,7 +53,7 @@ class Report:
 read_spacing = datasets.read_h5_spacing
 
 
-def open_eval_data(config: ml_collections.ConfigDict, workdir: Path,
+def open_eval_data(config: ml_collections.ConfigDict, workdir: epath.Path,
                    data_dir: str | Path | None) -> datasets.SegmentationData:
     """The run's dataset (config.json; the phantom is rebuilt if not cached), or a folder of
     the same kind (config.data.source: SSL4MIS h5 or TFDS) at --data_dir."""
@@ -65,8 +67,8 @@ def open_eval_data(config: ml_collections.ConfigDict, workdir: Path,
     return datasets.TfdsData(root) if d.source == "tfds" else datasets.Ssl4misData(root)
 
 
-def eval_directory(workdir: str | Path, split: str, checkpoint: str | int) -> Path:
-    return Path(workdir) / "eval" / f"{split}-{checkpoint}"
+def eval_directory(workdir: epath.PathLike, split: str, checkpoint: str | int) -> epath.Path:
+    return files.workdir_path(workdir) / "eval" / f"{split}-{checkpoint}"
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -98,26 +100,27 @@ def _summary_json(voxel: dict, mm: dict | None, meta: dict) -> dict:
             "per_class": per_class, "std_per_class": std, "excluded_per_class": excluded}
 
 
-def _write_per_case(path: Path, per_case: dict, per_case_mm: dict | None, class_names) -> None:
+def _write_per_case(path: epath.Path, per_case: dict, per_case_mm: dict | None, class_names) -> None:
     columns = ["case", "class", *evaluation.METRIC_NAMES]
     if per_case_mm is not None:
         columns += [f"{m}_mm" for m in DISTANCE_METRICS]
     distance_columns = [evaluation.METRIC_NAMES.index(m) for m in DISTANCE_METRICS]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for case, rows in per_case.items():
-            for k, cls in enumerate(class_names):
-                values = list(rows[k])
-                if per_case_mm is not None:
-                    values += [per_case_mm[case][k, i] for i in distance_columns]
-                writer.writerow([case, cls, *(repr(float(v)) for v in values)])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for case, rows in per_case.items():
+        for k, cls in enumerate(class_names):
+            values = list(rows[k])
+            if per_case_mm is not None:
+                values += [per_case_mm[case][k, i] for i in distance_columns]
+            writer.writerow([case, cls, *(repr(float(v)) for v in values)])
+    files.write_text(path, text.getvalue())
 
 
-def evaluate_workdir(workdir: str | Path, split: str = "test", checkpoint: str | int = "best",
+def evaluate_workdir(workdir: epath.PathLike, split: str = "test", checkpoint: str | int = "best",
                      empty_policy: str | None = None, data_dir: str | Path | None = None) -> Report:
     """Run the volume protocol for one checkpoint of a run and write the three files."""
-    workdir = Path(workdir)
+    workdir = files.workdir_path(workdir)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
     config = inference.read_config(workdir)
@@ -158,8 +161,8 @@ def evaluate_workdir(workdir: str | Path, split: str = "test", checkpoint: str |
     directory = eval_directory(workdir, split, checkpoint)
     directory.mkdir(parents=True, exist_ok=True)
     _write_per_case(directory / "per_case.csv", per_case, per_case_mm if with_mm else None, class_names)
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (directory / "table.md").write_text(table)
+    files.write_text(directory / "summary.json", json.dumps(summary, indent=2) + "\n")
+    files.write_text(directory / "table.md", table)
     return Report(directory=directory, summary=summary, table=table)
 
 

@@ -14,14 +14,14 @@ import dataclasses
 import functools
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from arco_jax import evaluation
+from arco_jax import evaluation, files
 from arco_jax.state import TrainState, build_networks, build_optimizer, create_train_state
 
 CHECKPOINT_KINDS = ("best", "last")
@@ -67,14 +67,14 @@ class TrainedModel:
             slice_batch_size=int(self.config.eval.slice_batch_size))
 
 
-def _check_workdir(workdir: Path) -> None:
+def _check_workdir(workdir: epath.Path) -> None:
     if not workdir.is_dir():
         raise WorkdirError(f"workdir {workdir} does not exist or is not a directory")
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """The run's config, as train_and_evaluate wrote it to <workdir>/config.json."""
-    workdir = Path(workdir)
+    workdir = files.workdir_path(workdir)
     _check_workdir(workdir)
     path = workdir / CONFIG_FILE
     if not path.is_file():
@@ -85,15 +85,14 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise WorkdirError(f"{path} is not valid JSON ({err})") from err
 
 
-def checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
-    """A read-only manager of a saved run's checkpoints (absolute: Orbax rejects relative paths
-    such as runs/demo/checkpoints/best)."""
-    return ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False))
+def checkpoint_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
+    """A read-only manager of a saved run's checkpoints (local or in a bucket)."""
+    return ocp.CheckpointManager(files.workdir_path(directory), options=ocp.CheckpointManagerOptions(create=False))
 
 
-def checkpoint_steps(workdir: str | Path) -> dict[str, list[int]]:
+def checkpoint_steps(workdir: epath.PathLike) -> dict[str, list[int]]:
     """Saved steps under checkpoints/best and checkpoints/last (empty lists when absent)."""
-    workdir = Path(workdir)
+    workdir = files.workdir_path(workdir)
     steps = {}
     for kind in CHECKPOINT_KINDS:
         directory = workdir / "checkpoints" / kind
@@ -110,13 +109,13 @@ def _available(steps: dict[str, list[int]]) -> str:
     return "; ".join(f"{kind}: {values if values else 'none'}" for kind, values in steps.items())
 
 
-def resolve_checkpoint(workdir: str | Path, checkpoint: str | int = "best") -> tuple[str, int]:
+def resolve_checkpoint(workdir: epath.PathLike, checkpoint: str | int = "best") -> tuple[str, int]:
     """(directory 'best' or 'last', step) for 'best', 'last' or a step number.
 
     A step number is looked up in 'last' first, then in 'best' (the best state may be older
     than every kept 'last' state).
     """
-    workdir = Path(workdir)
+    workdir = files.workdir_path(workdir)
     _check_workdir(workdir)
     steps = checkpoint_steps(workdir)
     text = str(checkpoint).strip()
@@ -153,9 +152,9 @@ def segmenter_variables(state: TrainState, model: str) -> dict:
     raise WorkdirError(f"config eval.model={model!r} is not 'student' or 'teacher'")
 
 
-def load_model(workdir: str | Path, checkpoint: str | int = "best") -> TrainedModel:
+def load_model(workdir: epath.PathLike, checkpoint: str | int = "best") -> TrainedModel:
     """Restore the segmenter of a trained run ('best', 'last' or a step number)."""
-    workdir = Path(workdir)
+    workdir = files.workdir_path(workdir)
     config = read_config(workdir)
     directory, step = resolve_checkpoint(workdir, checkpoint)
     target = abstract_train_state(config)

@@ -20,15 +20,15 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from arco_jax import evaluation, parallel, pretrain
-from arco_jax.checkpointing import Checkpoints, committed_steps, write_json
+from arco_jax import evaluation, files, parallel, pretrain
+from arco_jax.checkpointing import Checkpoints, committed_steps
 from arco_jax.config import ConfigError, validate
 from arco_jax.data import datasets, pipeline
 from arco_jax.objective import Batch
@@ -61,7 +61,7 @@ class TrainingDiverged(RuntimeError):
 class Preempted(Exception):
     """SIGTERM arrived: the current step was saved and training stopped; rerun to resume."""
 
-    def __init__(self, step: int, checkpoint_dir: Path):
+    def __init__(self, step: int, checkpoint_dir: epath.Path):
         super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint step {step} saved in "
                          f"{checkpoint_dir}; run the same command again to resume")
         self.step = step
@@ -113,7 +113,7 @@ def check_same_config_on_all_processes(config: ml_collections.ConfigDict) -> Non
                           "process 0's): " + " | ".join(problems))
 
 
-def check_workdir_config(workdir: Path, config: ml_collections.ConfigDict, allow_change: bool) -> bool:
+def check_workdir_config(workdir: epath.Path, config: ml_collections.ConfigDict, allow_change: bool) -> bool:
     """Refuse to resume a run that was started with another config, unless allowed.
 
     A workdir "holds a run" once a checkpoint is committed; before that config.json is just
@@ -247,13 +247,24 @@ def summary_json(summary: dict, per_case: dict) -> dict:
 # ----------------------------------------------------------------------------- logging
 
 class MetricLog:
-    """metrics.jsonl (appended, survives restarts) and the console progress line."""
+    """metrics.jsonl (survives restarts) and the console progress line.
 
-    def __init__(self, workdir: Path, total_steps: int):
+    On a local disk each record is appended as it comes. An object in a bucket cannot be
+    appended to, so there the file is held in memory and rewritten whole at most once a
+    minute and at every checkpoint: a resumed run finds every line up to its checkpoint.
+    """
+
+    REMOTE_WRITE_SECONDS = 60.0
+
+    def __init__(self, workdir: epath.Path, total_steps: int):
         self.enabled = parallel.is_main_process()
         self.path = workdir / "metrics.jsonl"
         self.total_steps = total_steps
         self._mark = (None, None)
+        self._remote = files.is_remote(workdir)
+        self._lines: list[str] = []  # In a bucket: the whole file.
+        self._unwritten = False
+        self._written_at = time.monotonic()
 
     def keep_until(self, step: int) -> None:
         """Drop what a previous run logged after `step` (the step being resumed: those steps
@@ -271,19 +282,33 @@ class MetricLog:
                 kept.append(line)
             else:
                 dropped += 1
+        self._lines = kept if self._remote else []
         if dropped:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            files.write_text(self.path, "".join(line + "\n" for line in kept))
             log.info("metrics.jsonl: dropped %d lines written after step %d by the interrupted run", dropped, step)
 
     def start(self, step: int) -> None:
         self._mark = (step, time.perf_counter())
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        line = json.dumps(record, sort_keys=True)
+        if not self._remote:
             with self.path.open("a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+                f.write(line + "\n")
+            return
+        self._lines.append(line)
+        self._unwritten = True
+        if time.monotonic() - self._written_at >= self.REMOTE_WRITE_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Bring the file up to date (in a bucket; local lines are already on disk)."""
+        if self.enabled and self._unwritten:
+            files.write_text(self.path, "".join(line + "\n" for line in self._lines))
+            self._unwritten = False
+        self._written_at = time.monotonic()
 
     def progress(self, step: int, metrics: dict, stage: int) -> None:
         """`stage`: the stage of the update that produced `step` (its terms are printed)."""
@@ -306,7 +331,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _check_finite(state: TrainState, checkpoint_dir: Path) -> None:
+def _check_finite(state: TrainState, checkpoint_dir: epath.Path) -> None:
     bad_step = int(parallel.fetch(state.bad_step))
     if bad_step >= 0:
         bad = [name for name, flag in zip(LOSS_TERM_NAMES, parallel.fetch(state.bad_terms)) if flag]
@@ -349,18 +374,17 @@ class PreemptionWatch:
 
 # ----------------------------------------------------------------------------- the job
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
                        allow_config_change: bool = False) -> dict:
     """Train (resuming from the workdir's newest intact checkpoint if any), select on val,
     report test. Raises Preempted after saving when SIGTERM arrives during training (a notice
     that comes while starting up is acted on after the first step; one that comes during the
     final test evaluation lets it finish: the last state is saved by then)."""
     with PreemptionWatch() as preemption:
-        # Absolute: Orbax rejects relative paths such as the README's runs/demo.
-        return _train_and_evaluate(config, Path(workdir).absolute(), allow_config_change, preemption)
+        return _train_and_evaluate(config, files.workdir_path(workdir), allow_config_change, preemption)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_config_change: bool,
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, allow_config_change: bool,
                         preemption: PreemptionWatch) -> dict:
     _console()
     mesh = parallel.make_mesh()
@@ -372,7 +396,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
             check_workdir_config(workdir, config, allow_config_change)
-            write_json(workdir / "config.json", config.to_dict())
+            files.write_json(workdir / "config.json", config.to_dict())
 
     parallel.on_all_processes(claim_workdir, "checking the workdir's config")
 
@@ -473,11 +497,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
                              best["val_dice"], best["step"], " (new best)" if improved else "")
             if last or preempted or at_boundary or step % t.checkpoint_every == 0:
                 checkpoints.save_last(step, state, streams)
+                metric_log.flush()
             if preempted and not last:
                 checkpoints.wait()
                 raise Preempted(step, checkpoints.last.directory)
     except BaseException:
-        _close_quietly(checkpoints)  # Let a save in flight finish: the newest good checkpoint survives.
+        _close_quietly(checkpoints, metric_log)  # Let a save in flight finish: the newest good checkpoint survives.
         streams.close()
         raise
     checkpoints.wait()
@@ -503,16 +528,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, allow_
         log.info("test (%s): mean Dice %.4f", name, mean_dice(summary))
     checkpoints.close()
     if is_main:
-        write_json(workdir / "results.json", results)
+        files.write_json(workdir / "results.json", results)
         header = (f"# ARCO results: {config.data.dataset}, {config.data.labeled_patients} labeled patients "
                   f"({num_labeled} slices), sampler {config.arco.sampler}/{config.arco.strata}, {step} steps\n\n")
-        (workdir / "results.md").write_text(header + "\n\n".join(tables) + "\n")
+        files.write_text(workdir / "results.md", header + "\n\n".join(tables) + "\n")
         print(header + "\n\n".join(tables))
     return results
 
 
-def _close_quietly(checkpoints: Checkpoints) -> None:
+def _close_quietly(checkpoints: Checkpoints, metric_log: MetricLog) -> None:
     """On the way out of an error: finish what can be finished, never mask the first error."""
+    try:
+        metric_log.flush()
+    except Exception as error:  # noqa: BLE001
+        log.warning("while stopping, writing metrics.jsonl also failed: %s", error)
     try:
         checkpoints.close()
     except Exception as error:  # noqa: BLE001

@@ -28,7 +28,6 @@ import functools
 import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -36,8 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from arco_jax import augment, inference, losses, memory, sampling, train
+from arco_jax import augment, files, inference, losses, memory, sampling, train
 from arco_jax.config import validate
 from arco_jax.objective import (Batch, Forward, HeadInputs, anchor_masks, head_inputs, per_class_contrast,
                                  reliability_masks)
@@ -76,11 +76,11 @@ def estimators_for(samplers: Sequence[str], strata: Sequence[str]) -> list[Estim
 
 # ----------------------------------------------------------------------------- the run
 
-def restore_run(workdir: str | Path, checkpoint: str | int = "best"
+def restore_run(workdir: epath.PathLike, checkpoint: str | int = "best"
                 ) -> tuple[ml_collections.ConfigDict, TrainState, str, int]:
     """(config, TrainState on one device, 'best' or 'last', step) of a trained run; checkpoint
     is 'best', 'last' or a step number (`inference.resolve_checkpoint`)."""
-    workdir = Path(workdir)
+    workdir = files.workdir_path(workdir)
     config = inference.read_config(workdir)
     validate(config)
     directory, step = inference.resolve_checkpoint(workdir, checkpoint)
@@ -340,9 +340,9 @@ def ratio_table(report: dict) -> tuple[list[str], list[str], np.ndarray]:
     return [label for label, _ in groups], names, ratios
 
 
-def plot_ratios(report: dict, path: Path) -> np.ndarray:
-    """Grouped bars of the variance ratios vs uniform on a log axis (below 1: less variance
-    than uniform), written as a PNG. Returns the plotted ratios (`ratio_table`)."""
+def plot_ratios(report: dict, path: epath.PathLike) -> np.ndarray:
+    """Grouped bars of the variance ratios vs uniform on a log axis, drawn from 1 (down: less
+    variance than uniform, up: more), written as a PNG. Returns the plotted ratios (`ratio_table`)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -352,8 +352,8 @@ def plot_ratios(report: dict, path: Path) -> np.ndarray:
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(1.2 * len(groups) + 3, 4), dpi=100)
     for e, name in enumerate(names):
-        ax.bar(np.arange(len(groups)) + (e - (len(names) - 1) / 2) * width, np.nan_to_num(ratios[:, e], nan=1.0),
-               width, bottom=0, label=name)
+        height = np.nan_to_num(ratios[:, e], nan=1.0) - 1.0
+        ax.bar(np.arange(len(groups)) + (e - (len(names) - 1) / 2) * width, height, width, bottom=1.0, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log", base=2)
     ax.set_xticks(np.arange(len(groups)), groups)
@@ -363,7 +363,8 @@ def plot_ratios(report: dict, path: Path) -> np.ndarray:
                  f"({report['settings']['draws']} draws x {report['settings']['batches']} batches)")
     ax.legend(frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return ratios
 
@@ -376,11 +377,11 @@ def next_batch(streams) -> Batch:
                  image_u=jnp.asarray(unlabeled["image"]))
 
 
-def run_study(workdir: str | Path, *, checkpoint: str | int = "best", batches: int = 4, draws: int = 64,
+def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batches: int = 4, draws: int = 64,
               samplers: Sequence[str] = sampling.SAMPLERS, strata: Sequence[str] = sampling.LAYOUTS,
-              out: str | Path | None = None, seed: int = 0) -> dict:
+              out: epath.PathLike | None = None, seed: int = 0) -> dict:
     """Measure the estimators on a trained run and write variance.json, .md and .png to `out`."""
-    workdir = Path(workdir)
+    workdir = files.workdir_path(workdir)
     if not (isinstance(batches, int) and batches >= 1):
         raise ValueError(f"--batches must be an integer >= 1, got {batches!r}")
     if not (isinstance(draws, int) and draws >= 2):
@@ -391,7 +392,7 @@ def run_study(workdir: str | Path, *, checkpoint: str | int = "best", batches: i
         raise ValueError(f"{workdir}: the memory banks of the '{directory}' state are empty, so the contrastive "
                          f"term has no negatives (was the run trained with loss_weights.contrast > 0?)")
     nets = build_networks(config)
-    out = Path(out) if out is not None else workdir / "variance"
+    out = files.workdir_path(out) if out is not None else workdir / "variance"
     class_names = ["background", *config.data.class_names]
 
     root = train.prepare_data(config)
@@ -432,8 +433,8 @@ def run_study(workdir: str | Path, *, checkpoint: str | int = "best", batches: i
         "per_batch": per_batch,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "variance.json").write_text(json.dumps(report, indent=2))
-    (out / "variance.md").write_text(markdown_report(report))
+    files.write_text(out / "variance.json", json.dumps(report, indent=2))
+    files.write_text(out / "variance.md", markdown_report(report))
     plot_ratios(report, out / "variance.png")
     return report
 
@@ -448,7 +449,7 @@ def main(argv) -> None:
     report = run_study(f.workdir, checkpoint=f.checkpoint, batches=f.batches, draws=f.draws,
                        samplers=f.samplers, strata=f.strata, out=f.out, seed=f.seed)
     print(markdown_report(report))
-    out = f.out or str(Path(f.workdir) / "variance")
+    out = f.out or str(files.workdir_path(f.workdir) / "variance")
     print(f"wrote {out}/variance.json, variance.md and variance.png")
 
 

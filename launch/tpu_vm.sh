@@ -7,7 +7,8 @@
 # Commands, in the order of a run:
 #   create   create the TPU VM (SPOT=1: a Spot VM, cheaper, can be preempted)
 #   copy     copy this checkout (the files git tracks or would track) to ~/arco_jax on all workers
-#   install  a Python 3.11 virtual environment with requirements.txt and jax[tpu] of the same version
+#   install  a Python 3.11 virtual environment with requirements-gcs.txt (the core requirements and
+#            the Cloud Storage clients for a gs:// WORKDIR) and jax[tpu] of the pinned version
 #   run      stage DATA from GCS to each worker's disk, then start training in the background on
 #            all workers; the extra arguments are passed on to arco_jax.main
 #   logs     follow the training log of worker 0 (WORKER=N for another)
@@ -145,7 +146,7 @@ case "$COMMAND" in
     # The TPU images ship Python 3.10; uv fetches a Python 3.11 for the project's pins.
     on_all_workers "set -e; cd ~/$REMOTE_DIR && python3 -m pip install --user --quiet uv \
 && ~/.local/bin/uv venv --allow-existing --python 3.11 .venv \
-&& ~/.local/bin/uv pip install --python .venv/bin/python -r requirements.txt 'jax[tpu]==$jax_version'"
+&& ~/.local/bin/uv pip install --python .venv/bin/python -r requirements-gcs.txt 'jax[tpu]==$jax_version'"
     ;;
   run)
     require BUCKET gs://my-bucket

@@ -7,7 +7,6 @@ checkpoints/last and the better one under checkpoints/best.
 """
 import csv
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +24,8 @@ import pytest
 from arco_jax import evaluate, evaluation, inference, predict, train
 from arco_jax.data import ssl4mis
 
+import tiny
+
 REPO = Path(__file__).resolve().parent.parent
 CLASS_NAMES = ("RV", "Myo", "LV")
 NUM_CLASSES = 4
@@ -36,30 +37,10 @@ NIFTI_AFFINE = np.array([[0.0, -1.5, 0.0, 40.0],
 
 
 def tiny_config(cache_dir: Path):
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.pretrain.steps = 0  # stage 1 has its own tests (test_pretrain.py)
-    d = c.data
-    d.cache_dir = str(cache_dir)
-    d.phantom.splits = (3, 1, 1)
-    d.phantom.image_size = 32
-    d.phantom.slices = (3, 4)
-    d.patch_size = (32, 32)
-    d.labeled_patients = 1
-    d.batch_labeled = d.batch_unlabeled = 2
+    c = tiny.tiny_config(cache_dir, steps=2, every=1)
     for term in ("unsup", "contrast", "eqv", "nn"):
         c.loss_weights[term] = 0.0
-    a = c.arco
-    a.num_anchors, a.num_negatives = 8, 4
-    a.bank_size = a.bank_size_background = 64
-    a.bank_enqueue, a.nn_pool_size, a.nn_topk, a.nn_grid = 16, 4, 2, 2
-    t = c.train
-    t.steps = 2
-    t.log_every = t.eval_every = t.checkpoint_every = 1
-    t.keep_checkpoints = 2
-    c.eval.slice_batch_size = 8
+    c.train.keep_checkpoints = 2
     return c
 
 

@@ -102,7 +102,7 @@ def test_tpu_copy_and_install_reach_every_worker(recording_gcloud):
     [install] = dry_run_tpu("install", bin_dir=bin_dir)
     assert install[4] == "ssh" and "--worker=all" in install
     remote = flag(install, "--command")
-    assert "-r requirements.txt" in remote and f"'jax[tpu]=={JAX_VERSION}'" in remote
+    assert "-r requirements-gcs.txt" in remote and f"'jax[tpu]=={JAX_VERSION}'" in remote
     assert "--python 3.11" in remote
     assert not record.exists(), "a dry run called gcloud"
 

@@ -6,7 +6,6 @@ in this file: once in a module fixture that most tests read, once to resume a co
 workdir to more steps (the step count is baked into the schedule, so a new compile), and once
 in a second fixture with only the supervised term (a much cheaper compile) made to diverge.
 """
-import importlib.util
 import json
 import math
 import os
@@ -27,47 +26,20 @@ from arco_jax.config import ConfigError
 from arco_jax.data.ssl4mis import DataError
 from arco_jax.state import LOSS_TERM_NAMES
 
+import tiny
+
 REPO = Path(__file__).resolve().parent.parent
 CLASS_NAMES = ("RV", "Myo", "LV")
 TRAIN_STEPS = 4
 RESUMED_STEPS = 6
 
 
-def load_demo_config():
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+load_demo_config = tiny.demo_config
 
 
 def tiny_config(cache_dir: Path, steps: int = TRAIN_STEPS):
     """configs/demo.py shrunk to seconds: 3/1/1 phantom patients of 32 px, batches of 2+2."""
-    c = load_demo_config()
-    c.pretrain.steps = 0  # stage 1 has its own tests (test_pretrain.py)
-    d = c.data
-    d.cache_dir = str(cache_dir)
-    d.phantom.splits = (3, 1, 1)
-    d.phantom.image_size = 32
-    d.phantom.slices = (3, 4)
-    d.patch_size = (32, 32)
-    d.labeled_patients = 1
-    d.batch_labeled = 2
-    d.batch_unlabeled = 2
-    a = c.arco
-    a.num_anchors = 8
-    a.num_negatives = 4
-    a.bank_size = 64
-    a.bank_size_background = 64
-    a.bank_enqueue = 16
-    a.nn_pool_size = 4
-    a.nn_topk = 2
-    a.nn_grid = 2
-    c.train.steps = steps
-    c.train.log_every = 2
-    c.train.eval_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.slice_batch_size = 8
-    return c
+    return tiny.tiny_config(cache_dir, steps=steps, every=2)
 
 
 def read_metrics(workdir: Path) -> list[dict]:

@@ -2,7 +2,6 @@
 estimates a class mean with less variance than uniform sampling at the same n, and without
 bias; the command end to end on a tiny trained run; bad arguments."""
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -18,6 +17,8 @@ import pytest
 from PIL import Image
 
 from arco_jax import inference, sampling, train, variance
+
+import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,41 +111,12 @@ def test_welford_matches_the_two_pass_variance():
 # ----------------------------------------------------------------------------- the command
 
 def tiny_config(cache_dir: Path):
-    """configs/demo.py shrunk: 3/1/1 phantom patients of 32 px, a narrow UNet, two steps,
-    the supervised and contrastive terms only."""
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.pretrain.steps = 0
-    d = c.data
-    d.cache_dir = str(cache_dir)
-    d.phantom.splits = (3, 1, 1)
-    d.phantom.image_size = 32
-    d.phantom.slices = (3, 4)
-    d.patch_size = (32, 32)
-    d.labeled_patients = 1
-    d.batch_labeled = 2
-    d.batch_unlabeled = 2
-    c.model.features = (4, 8, 8, 16, 16)
-    c.model.rep_dim = 16
-    a = c.arco
-    a.num_anchors = 8
-    a.num_negatives = 4
-    a.bank_size = 64
-    a.bank_size_background = 64
-    a.bank_enqueue = 16
-    a.nn_pool_size = 4
-    a.nn_topk = 2
-    a.nn_grid = 2
+    """tests/tiny.py's setting with a narrow UNet, two steps, the supervised and contrastive
+    terms only."""
+    c = tiny.tiny_config(cache_dir, steps=2, every=2, narrow=True)
     for term in ("unsup", "eqv", "nn"):
         c.loss_weights[term] = 0.0
     c.loss_weights.contrast = 0.1
-    c.train.steps = 2
-    c.train.log_every = 2
-    c.train.eval_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.slice_batch_size = 8
     return c
 
 
