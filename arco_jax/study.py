@@ -76,7 +76,10 @@ def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides:
     workdir = out / "runs" / run_name(method, labeled_patients, seed)
     record_path = workdir / "study_record.json"
     if record_path.exists():
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        # The command names the workdir as this call's --out does (the run may have been made
+        # with another spelling of the same folder).
+        return {**record, "command": command_line(method, labeled_patients, seed, workdir, overrides)}
     config = load_config(method, labeled_patients, seed, overrides)
     started = time.perf_counter()
     results = train.train_and_evaluate(config, workdir)

@@ -62,6 +62,18 @@ def test_a_second_call_reuses_finished_runs(report):
     assert again["this_call_s"] < 30
 
 
+def test_commands_name_the_workdirs_as_the_call_names_the_study(report, monkeypatch):
+    """A study continued with a relative --out records relative workdirs (results files are
+    committed; they should not carry the machine's absolute paths)."""
+    out, _ = report
+    monkeypatch.chdir(out.parent)
+    again = study.run_study(Path(out.name), METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
+    for run in again["runs"]:
+        workdir = f"{out.name}/runs/{study.run_name(run['method'], 1, run['seed'])}"
+        assert run["command"].endswith(f"--workdir={workdir}"), run["command"]
+    assert f"--out={out.name} " in again["command"]
+
+
 def test_the_command_line_continues_a_finished_study(report):
     out, result = report
     command = [sys.executable, "-m", "arco_jax.study", f"--out={out}", f"--methods={','.join(METHODS)}",
