@@ -256,10 +256,12 @@ class MetricLog:
 
     REMOTE_WRITE_SECONDS = 60.0
 
-    def __init__(self, workdir: epath.Path, total_steps: int):
+    def __init__(self, workdir: epath.Path, total_steps: int, boundary: int = 0):
+        """`boundary`: the first stage-2 step (0 without stage 1)."""
         self.enabled = parallel.is_main_process()
         self.path = workdir / "metrics.jsonl"
         self.total_steps = total_steps
+        self.boundary = boundary
         self._mark = (None, None)
         self._remote = files.is_remote(workdir)
         self._lines: list[str] = []  # In a bucket: the whole file.
@@ -316,11 +318,14 @@ class MetricLog:
         last_step, last_time = self._mark
         self._mark = (step, now)
         rate = (step - last_step) / (now - last_time) if last_step is not None and now > last_time else float("nan")
-        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        # Stage 1 runs several times faster than stage 2, so its rate only predicts its own end.
+        stage_end = self.boundary if stage == 1 else self.total_steps
+        eta = _duration((stage_end - step) / rate if rate > 0 else float("nan"))
         self.write({"split": "train", "step": step, "stage": stage, "steps_per_sec": rate, **metrics})
         terms = " ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in STAGE_TERMS[stage])
         log.info("stage %d | step %d/%d | loss %.4f (%s) | lr %.5f | %.2f steps/s | ETA %s", stage,
-                 step, self.total_steps, metrics["loss"], terms, metrics["lr"], rate, _duration(eta))
+                 step, self.total_steps, metrics["loss"], terms, metrics["lr"], rate,
+                 f"{eta} to stage 2" if stage == 1 else eta)
 
 
 def _duration(seconds: float) -> str:
@@ -445,7 +450,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
         hand_over = jax.jit(pretrain.hand_over, in_shardings=replicated, out_shardings=replicated,
                             donate_argnums=0)
     evaluate = Evaluator(config, nets)
-    metric_log = MetricLog(workdir, total_steps)
+    metric_log = MetricLog(workdir, total_steps, boundary)
     metric_log.keep_until(start)
 
     # The loop. Every step that logs, validates or saves first checks that training is still

@@ -21,10 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from arco_jax import evaluation, train
+from arco_jax import evaluation, files, train
 from arco_jax.config import ConfigError
 from arco_jax.data.ssl4mis import DataError
-from arco_jax.state import LOSS_TERM_NAMES
+from arco_jax.state import LOSS_TERM_NAMES, STAGE_TERMS
 
 import tiny
 
@@ -318,3 +318,18 @@ def test_command_line_without_data_dir_exits_with_the_field_name(tmp_path):
     assert completed.returncode != 0
     assert "config.data.data_dir" in completed.stderr + completed.stdout
     assert not workdir.exists()
+
+
+def test_progress_eta_of_stage_1_names_the_end_of_stage_1(tmp_path, monkeypatch, caplog):
+    """Stage 1 runs several times faster than stage 2: its rate predicts only its own end."""
+    clock = iter([0.0, 10.0, 20.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    metric_log = train.MetricLog(files.workdir_path(tmp_path), total_steps=300, boundary=100)
+    metrics = {"loss": 1.0, "lr": 0.01, **{f"loss_{name}": 0.5 for stage in (1, 2) for name in STAGE_TERMS[stage]}}
+    caplog.set_level("INFO", logger="arco_jax")
+    monkeypatch.setattr(train.log, "propagate", True)
+    metric_log.start(0)
+    metric_log.progress(50, metrics, stage=1)   # 5 steps/s, 50 steps left in stage 1
+    metric_log.progress(150, metrics, stage=2)  # 10 steps/s, 150 steps left in all
+    lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+    assert lines[0].endswith("ETA 0m10s to stage 2") and lines[1].endswith("ETA 0m15s")
