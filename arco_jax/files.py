@@ -49,10 +49,6 @@ def write_json(path: epath.Path, payload) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
-def read_json(path: epath.Path):
-    return json.loads(epath.Path(path).read_text())
-
-
 def move(source: epath.Path, target: epath.Path) -> None:
     """Move a file or folder (in a bucket: copy every object, then delete)."""
     epath.Path(target).parent.mkdir(parents=True, exist_ok=True)
