@@ -16,7 +16,7 @@ from arco_jax.models.heads import (
     resize_bilinear_align_corners,
     upsampling_adjoint,
 )
-from arco_jax.models.unet import UNet, UpConv2x2
+from arco_jax.models.unet import Conv3x3, UNet, UpConv2x2
 
 FEATURE_DIMS = (256, 128, 64, 32, 16)
 
@@ -132,6 +132,30 @@ def test_upconv_matches_flax_conv_transpose_values_and_gradients():
     def grads(module):
         loss = lambda v, x: jnp.sum(module.apply(v, x) * cotangent)
         return jax.grad(loss, argnums=(0, 1))(variables, x)
+
+    for got, want in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(flax_conv))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_conv3x3_matches_flax_conv_values_and_gradients(in_loop):
+    """Conv3x3 (its own gradients, written for XLA:CPU) is nn.Conv's 3x3 'same' convolution,
+    with its parameter names and shapes, also inside a scanned loop body where it is needed."""
+    init = jax.nn.initializers.normal(1.0)
+    ours = Conv3x3(5)
+    flax_conv = nn.Conv(5, kernel_size=(3, 3), padding=((1, 1), (1, 1)), kernel_init=init, bias_init=init)
+    x = jax.random.normal(jax.random.key(30), (2, 2, 7, 6, 3))
+    variables = flax_conv.init(jax.random.key(31), x[0])
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(31), x[0])) == jax.tree.map(jnp.shape, variables)
+    cotangent = jax.random.normal(jax.random.key(32), (2, 2, 7, 6, 5))
+
+    def grads(module):
+        def apply(v, x):
+            if in_loop:
+                return jax.lax.scan(lambda carry, xi: (carry, module.apply(v, xi)), 0.0, x)[1]
+            return jnp.stack([module.apply(v, xi) for xi in x])
+        loss = lambda v, x: jnp.sum(apply(v, x) * cotangent)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
 
     for got, want in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(flax_conv))):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
