@@ -3,6 +3,9 @@
   python -m arco_jax.benchmark --out=benchmarks.json                 # the standard set
   python -m arco_jax.benchmark --cases=step:256,unet:256 --repeats=5  # chosen cases
 
+Step cases run configs/acdc.py at the given size; options after ':' change it: batch=L+U
+(labeled + unlabeled images), remat=on|off (arco.remat_student, on in configs/acdc.py).
+
 Every case runs in its own subprocess, so its peak memory is its own (host: the process's
 maximum resident set; accelerators: the device's peak bytes in use). Times are the median of
 `repeats` calls after a first, compiling call whose time is reported apart. Each result
@@ -26,7 +29,7 @@ import time
 from absl import app, flags
 
 STANDARD_CASES = (
-    "step:128", "step:192", "step:256", "step:256:batch=2+2", "step:256:batch=8+8",
+    "step:128", "step:192", "step:256", "step:256:remat=off", "step:256:batch=2+2", "step:256:batch=8+8",
     "unet:128", "unet:256",
     "sampler:5233:256", "sampler:30000:131072",
     "pipeline:256",
@@ -98,10 +101,14 @@ def _parse(case: str) -> tuple[str, list[str], dict]:
     return kind, [part for part in rest if "=" not in part], options
 
 
-def _acdc_config(size: int, batch: str | None, terms: str):
+def _acdc_config(size: int, batch: str | None, terms: str, remat: str | None = None):
     from configs import acdc
 
     config = acdc.get_config()
+    if remat is not None:
+        if remat not in ("on", "off"):
+            raise ValueError(f"benchmark option remat={remat!r}: use remat=on or remat=off")
+        config.arco.remat_student = remat == "on"
     config.data.dataset = "phantom"  # Shapes are all that matters here; validation needs no data dir.
     config.data.patch_size = (size, size)
     if batch:
@@ -113,7 +120,7 @@ def _acdc_config(size: int, batch: str | None, terms: str):
     return config
 
 
-def run_step_case(size: int, batch: str | None, terms: str, repeats: int) -> dict:
+def run_step_case(size: int, batch: str | None, terms: str, repeats: int, remat: str | None = None) -> dict:
     """The full ARCO stage-2 step ('step') or the plain supervised UNet step ('unet')."""
     import jax
     import numpy as np
@@ -124,7 +131,7 @@ def run_step_case(size: int, batch: str | None, terms: str, repeats: int) -> dic
     from arco_jax.state import build_networks, build_optimizer, create_train_state
     from arco_jax.step import make_train_step
 
-    config = _acdc_config(size, batch, terms)
+    config = _acdc_config(size, batch, terms, remat)
     if terms == "sup":  # The plain UNet step: one batch of labeled images, CE + Dice.
         config.data.batch_labeled = config.data.batch_labeled + config.data.batch_unlabeled
     mesh = parallel.make_mesh()
@@ -160,7 +167,7 @@ def run_step_case(size: int, batch: str | None, terms: str, repeats: int) -> dic
         forward["backward_and_update_s"] = median - forward["forward_median_s"]
     return {"size": size, "batch": f"{d.batch_labeled}+{d.batch_unlabeled if terms != 'sup' else 0}",
             "terms": "all" if terms != "sup" else "sup", "sampler": config.arco.sampler,
-            "rep_dim": config.model.rep_dim, "num_anchors": config.arco.num_anchors,
+            "remat_student": config.arco.remat_student, "rep_dim": config.model.rep_dim, "num_anchors": config.arco.num_anchors,
             "num_negatives": config.arco.num_negatives, "compile_plus_first_s": compile_s + first,
             "median_s": median, "times_s": times, "flops": flops, "gflops_per_s": _rate(flops, median),
             **forward, "peak_memory_bytes": _peak_memory_bytes(),
@@ -238,7 +245,8 @@ def run_pipeline_case(size: int, repeats: int) -> dict:
 def run_case(case: str, repeats: int) -> dict:
     kind, args, options = _parse(case)
     if kind in ("step", "unet"):
-        result = run_step_case(int(args[0]), options.get("batch"), "all" if kind == "step" else "sup", repeats)
+        result = run_step_case(int(args[0]), options.get("batch"), "all" if kind == "step" else "sup", repeats,
+                               options.get("remat"))
     elif kind == "sampler":
         result = run_sampler_case(int(args[0]), int(args[1]), repeats)
     elif kind == "pipeline":

@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.arco.nn_grid = 4  # L_nn compares representations average-pooled to a grid x grid map.
     c.arco.nn_gradient = "active"  # (variant) 'active': L_nn trains the student; 'reference': value only.
     c.arco.ema_decay = 0.99
+    # Memory for time: run the student's passes (labeled, strong, equivariance) as one loop that
+    # recomputes activations in the backward pass (Forward.student_passes). The equivariance
+    # pass then normalises its labeled and unlabeled halves as separate batch-norm batches.
+    c.arco.remat_student = False
     c.arco.teacher_train_mode = True  # Reference: teacher with dropout and batch-stat BN.
     c.arco.warp_pseudo_labels = True  # (variant) Warp pseudo-labels with the strong view (the code does not).
     # Mean Teacher consistency (loss_weights.consistency): weight w exp(-5 (1 - t / (rampup T))^2)
@@ -225,6 +229,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     _choice(a.negatives, "arco.negatives", NEGATIVE_SOURCES)
     _choice(a.nn_gradient, "arco.nn_gradient", NN_GRADIENTS)
     _choice(a.warp_pseudo_labels, "arco.warp_pseudo_labels", (True, False))
+    _choice(a.remat_student, "arco.remat_student", (True, False))
     for field in ("consistency_rampup", "consistency_noise"):
         if not (isinstance(a[field], (int, float)) and a[field] >= 0):
             _fail(f"arco.{field}", f"must be a number >= 0, got {a[field]!r}")

@@ -15,6 +15,8 @@ which ARCO's paper and code differ (`arco.negatives`, `arco.nn_gradient`, ...) a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -56,6 +58,52 @@ class Forward:
             variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
         self.batch_stats = updated["batch_stats"]
         return logits, features
+
+    def student_passes(self, passes: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, tuple]:
+        """Student forwards {name: (images, dropout key)} -> {name: (logits, features)}, in
+        order (each pass is its own batch-norm batch, and updates the running statistics).
+
+        With `arco.remat_student` the passes run as one loop whose body is rematerialised:
+        the backward pass recomputes one chunk's activations at a time instead of keeping
+        every pass's (at 256 px, batch 4+4: about 1.4 GiB less, and one more forward per
+        chunk). A loop needs equal chunks, so every pass is cut into chunks of the greatest
+        common divisor of the pass sizes; a pass cut in k > 1 chunks (chunk i: images i, i + k,
+        i + 2k, ...) normalises each chunk as its own batch-norm batch, with dropout keys split
+        from its key. With equal labeled and unlabeled batches that is the equivariance pass
+        only: two batch-norm batches, each of half its labeled and half its unlabeled views.
+        A checkpoint inside a loop body is what holds on XLA:CPU, whose scheduler moves a
+        straight-line recomputation next to the forward it repeats, saving nothing.
+        """
+        if not self.config.arco.remat_student or len(passes) < 2:
+            return {name: self.student(images, key) for name, (images, key) in passes.items()}
+        chunk = math.gcd(*(images.shape[0] for images, _ in passes.values()))
+        chunked_images, chunk_keys = [], []
+        for images, key in passes.values():
+            count = images.shape[0] // chunk
+            # Strided chunks (images i, i + count, ...): each device's share of a batch sharded
+            # over the mesh stays on that device.
+            chunked_images.append(images.reshape((chunk, count) + images.shape[1:]).swapaxes(0, 1))
+            chunk_keys.append(key[None] if count == 1 else jax.random.split(key, count))
+        segmenter, params = self.nets.segmenter, self.params["segmenter"]
+
+        @functools.partial(jax.checkpoint, prevent_cse=False)
+        def one_chunk(batch_stats, inputs):
+            images, key = inputs
+            (logits, features), updated = segmenter.apply(
+                {"params": params, "batch_stats": batch_stats}, images, train=True, rngs={"dropout": key},
+                mutable=["batch_stats"])
+            return updated["batch_stats"], (logits, features)
+
+        self.batch_stats, stacked = jax.lax.scan(
+            one_chunk, self.batch_stats, (jnp.concatenate(chunked_images), jnp.concatenate(chunk_keys)))
+        outputs, start = {}, 0
+        for name, (images, _) in passes.items():
+            count = images.shape[0] // chunk
+            logits, features = jax.tree.map(
+                lambda x: x[start:start + count].swapaxes(0, 1).reshape((count * chunk,) + x.shape[2:]), stacked)
+            outputs[name] = (logits, features)
+            start += count
+        return outputs
 
     def teacher_net(self, images: jax.Array, key: jax.Array):
         """Teacher predictions, constant for the gradient. In train mode (the reference) it
@@ -179,8 +227,8 @@ def _distinct_draw(key: jax.Array, mask: jax.Array, n: int) -> tuple[jax.Array, 
 
 
 def update_bank(key: jax.Array, fwd: Forward, teacher: HeadInputs, labels: jax.Array, teacher_probs: jax.Array,
-                high: jax.Array, bank: memory.ClassBank, num_labeled: int) -> memory.ClassBank:
-    """Push L2-normalised teacher representations of each class's bank candidates.
+                high: jax.Array, num_labeled: int) -> memory.BankPush:
+    """The push of L2-normalised teacher representations of each class's bank candidates.
 
     'other_classes' draws bank_enqueue of them uniformly with replacement; 'reference' pushes
     only distinct pixels (up to bank_enqueue), as the reference pushes each matching pixel
@@ -197,11 +245,12 @@ def update_bank(key: jax.Array, fwd: Forward, teacher: HeadInputs, labels: jax.A
     else:
         index, valid = jax.vmap(lambda k, m: _distinct_draw(k, m, a.bank_enqueue))(keys, masks)
     reps = fwd.head("teacher", "fine_at_pixels", *teacher, *_pixels(index, grid))
-    return memory.push_class_bank(bank, losses.l2_normalize(reps), valid)
+    return memory.bank_push(losses.l2_normalize(reps), valid)
 
 
 def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,
-                       labels: jax.Array, teacher_probs: jax.Array, low: jax.Array, bank: memory.ClassBank):
+                       labels: jax.Array, teacher_probs: jax.Array, low: jax.Array,
+                       bank: memory.ClassBank | memory.PushedBank):
     """Each class's InfoNCE term with class prototypes as positives and bank entries as
     negatives; the bank is read, never written. Returns (per_class_loss (C,), counted (C,),
     present (C,)); `losses.class_average` of them is the contrastive loss.
@@ -235,7 +284,6 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
                                    *_pixels(anchor_index, grid)))  # (C, n, D)
 
     # Negatives: a static-shape mask over the rows of all banks.
-    flat_keys = bank.keys.reshape(-1, bank.keys.shape[-1])
     num_draws = a.num_anchors * a.num_negatives
     if a.negatives == "other_classes":
         rows_for = lambda c: bank.filled & (classes != c)[:, None]  # noqa: E731
@@ -253,7 +301,7 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
                                     num_strata=a.num_strata, layout="index")
         # Samplers return slots stratum by stratum: shuffle so each anchor sees all strata.
         index = jax.random.permutation(shuffle_key, index)
-        negatives = flat_keys[index].reshape(a.num_anchors, a.num_negatives, -1)
+        negatives = bank.rows(index).reshape(a.num_anchors, a.num_negatives, -1)
         return losses.info_nce(class_anchors, prototype, negatives, a.temperature), ok
 
     per_class_loss, has_negatives = jax.lax.map(
@@ -265,13 +313,15 @@ def contrastive_term(key: jax.Array, fwd: Forward, student: HeadInputs, teacher:
                      labels: jax.Array, teacher_probs: jax.Array, low: jax.Array, high: jax.Array,
                      bank: memory.ClassBank, num_labeled: int):
     """Pixel contrast: the bank is updated first (as the reference), then the class terms of
-    `per_class_contrast` read it. Returns (loss, updated bank, metrics)."""
-    bank = update_bank(key, fwd, teacher, labels, teacher_probs, high, bank, num_labeled)
+    `per_class_contrast` read it. Returns (loss, the bank's push, metrics); the step writes
+    the push after its guard, the terms read the bank as it will be."""
+    push = update_bank(key, fwd, teacher, labels, teacher_probs, high, num_labeled)
+    bank = memory.PushedBank(bank, push)
     per_class_loss, counted, present = per_class_contrast(key, fwd, student, teacher, labels, teacher_probs,
                                                           low, bank)
     metrics = {"contrast_classes": jnp.sum(counted).astype(jnp.float32),
                "bank_fill": jnp.mean(bank.count / bank.capacity)}
-    return losses.class_average(per_class_loss, counted, present), bank, metrics
+    return losses.class_average(per_class_loss, counted, present), push, metrics
 
 
 def pooled_embedding(fwd: Forward, which: str, inputs: HeadInputs, grid_size: int) -> jax.Array:
@@ -312,8 +362,9 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
               config: ml_collections.ConfigDict, nets: Networks):
     """Total loss of the configured method and what the step needs besides gradients.
 
-    Returns (loss, (terms, batch_stats, bank, pool_rows, metrics)); `terms` holds the
-    unweighted value of every term (0 for terms whose weight is 0: their work is skipped).
+    Returns (loss, (terms, batch_stats, bank_push, pool_rows, metrics)); `terms` holds the
+    unweighted value of every term (0 for terms whose weight is 0: their work is skipped);
+    bank_push (memory.BankPush) and pool_rows are what the step writes into the state, or None.
     """
     a, w = config.arco, config.loss_weights
     keys = dict(zip(["teacher_weak", "strong", "student_l", "student_u", "teacher_l", "teacher_u",
@@ -322,43 +373,67 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     num_labeled = batch.image_l.shape[0]
     arco_unlabeled = any(w[name] > 0 for name in ARCO_UNLABELED_TERMS)
 
-    # Mean Teacher alone runs the student once over labeled and unlabeled images (one
-    # batch-norm batch, as SSL4MIS); otherwise the labeled images have their own forward.
+    if arco_unlabeled:
+        # Pseudo-labels from the teacher on the weak view, then the strong view of the same images.
+        weak_logits, _ = fwd.teacher_net(batch.image_u, keys["teacher_weak"])
+        weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
+        mixed, pseudo, confidence = augment.cutmix(
+            keys["strong"], batch.image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32), jnp.max(weak_probs, -1))
+        image_s, pseudo, confidence = augment.photometric_and_warp(
+            jax.random.fold_in(keys["strong"], 1), mixed, pseudo, confidence, warp_labels=a.warp_pseudo_labels)
+
+    # Every student input is built before the first student pass, so the passes can run as one
+    # rematerialised loop (arco.remat_student). Mean Teacher alone runs the student once over
+    # labeled and unlabeled images (one batch-norm batch, as SSL4MIS); otherwise the labeled
+    # images have their own pass.
     joint = w.consistency > 0 and not arco_unlabeled
+    passes = {}
     if joint:
-        logits, _ = fwd.student(jnp.concatenate([batch.image_l, batch.image_u]), keys["student_l"])
-        logits_l, clean_logits_u = logits[:num_labeled], logits[num_labeled:]
+        passes["joint"] = (jnp.concatenate([batch.image_l, batch.image_u]), keys["student_l"])
     else:
-        logits_l, features_l = fwd.student(batch.image_l, keys["student_l"])
+        passes["labeled"] = (batch.image_l, keys["student_l"])
+    if w.consistency > 0:
+        student_key, consistency_key = jax.random.split(jax.random.fold_in(key, len(keys)))
+        if not joint:
+            passes["clean"] = (batch.image_u, student_key)
+    if arco_unlabeled:
+        passes["strong"] = (image_s, keys["student_u"])
+    if w.eqv > 0:
+        # Equivariance: student(T(x)) should match T(student(x)) on confident foreground.
+        # A second photometric view of the strong images: same geometry as the prediction it
+        # is compared with (the reference re-warps independently, misaligning the two).
+        jitter_key, blur_key = jax.random.split(keys["eqv_view"])
+        view_u = augment.gaussian_blur(blur_key, augment.intensity_jitter(jitter_key, image_s))
+        view = jnp.concatenate([batch.image_l, view_u])
+        matrices = augment.random_similarity(keys["eqv_warp"], view.shape[0], scale_range=tuple(a.eqv_scale))
+        passes["eqv"] = (augment.warp_affine(view, matrices, order=1), keys["eqv_student"])
+    out = fwd.student_passes(passes)
+
+    if joint:
+        logits_l, clean_logits_u = out["joint"][0][:num_labeled], out["joint"][0][num_labeled:]
+    else:
+        logits_l, features_l = out["labeled"]
     zero = jnp.zeros((), jnp.float32)
     terms = dict.fromkeys(LOSS_TERMS, zero)
     weights = {name: w[name] for name in LOSS_TERMS}
     terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l)
     metrics = dict(sup_parts)
     if w.consistency > 0:
-        student_key, consistency_key = jax.random.split(jax.random.fold_in(key, len(keys)))
         if not joint:
-            clean_logits_u, _ = fwd.student(batch.image_u, student_key)
+            clean_logits_u = out["clean"][0]
         terms["consistency"] = consistency_term(consistency_key, fwd, clean_logits_u, batch.image_u)
         weights["consistency"] = metrics["consistency_weight"] = consistency_weight(config, progress)
     if not arco_unlabeled:
-        return _weighted_sum(weights, terms), (terms, fwd.batch_stats, state.bank, None, metrics)
+        return _weighted_sum(weights, terms), (terms, fwd.batch_stats, None, None, metrics)
 
-    # Pseudo-labels from the teacher on the weak view, then the strong view of the same images.
-    weak_logits, _ = fwd.teacher_net(batch.image_u, keys["teacher_weak"])
-    weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
-    mixed, pseudo, confidence = augment.cutmix(
-        keys["strong"], batch.image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32), jnp.max(weak_probs, -1))
-    image_s, pseudo, confidence = augment.photometric_and_warp(
-        jax.random.fold_in(keys["strong"], 1), mixed, pseudo, confidence, warp_labels=a.warp_pseudo_labels)
-    logits_u, features_u = fwd.student(image_s, keys["student_u"])
+    logits_u, features_u = out["strong"]
     if w.unsup > 0:
         terms["unsup"] = losses.pseudo_label_loss(logits_u, pseudo, confidence, a.confidence_threshold)
     metrics["confident_fraction"] = jnp.mean(confidence >= a.confidence_threshold)
 
     labels = jnp.concatenate([batch.label_l, pseudo])
     confidences = jnp.concatenate([jnp.ones_like(confidence[:num_labeled]), confidence])
-    bank, pool_rows = state.bank, None
+    bank_push, pool_rows = None, None
     if w.contrast > 0 or w.nn > 0:
         t_logits_l, t_features_l = fwd.teacher_net(batch.image_l, keys["teacher_l"])
         t_logits_u, t_features_u = fwd.teacher_net(image_s, keys["teacher_u"])
@@ -369,7 +444,7 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         teacher_probs = jax.nn.softmax(jnp.concatenate([t_logits_l, t_logits_u]).astype(jnp.float32), -1)
         low, high = reliability_masks(jax.nn.softmax(jax.lax.stop_gradient(logits_u).astype(jnp.float32), -1),
                                       num_labeled, progress, a.entropy_percentile)
-        terms["contrast"], bank, contrast_metrics = contrastive_term(
+        terms["contrast"], bank_push, contrast_metrics = contrastive_term(
             keys["contrast"], fwd, student, teacher, labels, teacher_probs, low, high, state.bank, num_labeled)
         metrics.update(contrast_metrics)
     if w.nn > 0:
@@ -381,20 +456,13 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
             terms["nn"] = jax.lax.stop_gradient(terms["nn"])
         pool_rows = teacher_emb
     if w.eqv > 0:
-        # Equivariance: student(T(x)) should match T(student(x)) on confident foreground.
-        # A second photometric view of the strong images: same geometry as the prediction it
-        # is compared with (the reference re-warps independently, misaligning the two).
-        jitter_key, blur_key = jax.random.split(keys["eqv_view"])
-        view_u = augment.gaussian_blur(blur_key, augment.intensity_jitter(jitter_key, image_s))
-        view = jnp.concatenate([batch.image_l, view_u])
-        matrices = augment.random_similarity(keys["eqv_warp"], view.shape[0], scale_range=tuple(a.eqv_scale))
-        warped_logits, _ = fwd.student(augment.warp_affine(view, matrices, order=1), keys["eqv_student"])
+        warped_logits, _ = out["eqv"]
         target = augment.warp_affine(jax.lax.stop_gradient(jnp.concatenate([logits_l, logits_u])), matrices, order=1)
         mask = (labels != 0) & (confidences >= a.eqv_confidence_threshold)
         warped_mask = augment.warp_affine(mask[..., None].astype(jnp.float32), matrices, order=1)[..., 0]
         terms["eqv"] = losses.equivariance_loss(warped_logits, target, warped_mask)
 
-    return _weighted_sum(weights, terms), (terms, fwd.batch_stats, bank, pool_rows, metrics)
+    return _weighted_sum(weights, terms), (terms, fwd.batch_stats, bank_push, pool_rows, metrics)
 
 
 def _weighted_sum(weights: dict, terms: dict) -> jax.Array:

@@ -22,10 +22,10 @@ def _ema(new, old, decay: float):
     return optax.incremental_update(new, old, 1.0 - decay)
 
 
-def _guarded(state: TrainState, updated: TrainState, terms: dict, grads) -> tuple[TrainState, dict]:
+def _guarded(state: TrainState, updated: TrainState, terms: dict, grads) -> tuple[TrainState, jax.Array, dict]:
     """`updated` if every term and the gradient are finite (and nothing failed before), else
-    `state` with the first failure recorded. Returns (state, the terms completed with 0 for
-    terms of the other stage, plus the gradient norm)."""
+    `state` with the first failure recorded. Returns (state, whether the step was good, the
+    terms completed with 0 for terms of the other stage, plus the gradient norm)."""
     zero = jnp.zeros((), jnp.float32)
     terms = {name: terms.get(name, zero) for name in LOSS_TERM_NAMES[:-1]}
     grad_norm = optax.tree.norm(grads)
@@ -37,7 +37,7 @@ def _guarded(state: TrainState, updated: TrainState, terms: dict, grads) -> tupl
         bad_step=jnp.where(first_bad, state.step, state.bad_step),
         bad_terms=jnp.where(first_bad, ~finite, state.bad_terms),
     )
-    return new_state, {**{f"loss_{name}": value for name, value in terms.items()}, "grad_norm": grad_norm}
+    return new_state, good, {**{f"loss_{name}": value for name, value in terms.items()}, "grad_norm": grad_norm}
 
 
 def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation):
@@ -50,7 +50,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax
         stage_step = state.step - start
         progress = stage_step.astype(jnp.float32) / config.train.steps
         grad_fn = jax.value_and_grad(arco_loss, has_aux=True)
-        (loss, (terms, batch_stats, bank, pool_rows, metrics)), grads = grad_fn(
+        (loss, (terms, batch_stats, bank_push, pool_rows, metrics)), grads = grad_fn(
             state.params, state, batch, key, progress, config, nets)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -61,8 +61,11 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax
         }
         pool = state.pool if pool_rows is None else memory.push_embedding_pool(state.pool, pool_rows)
         updated = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                opt_state=opt_state, teacher=teacher, bank=bank, pool=pool)
-        new_state, guard_metrics = _guarded(state, updated, terms, grads)
+                                opt_state=opt_state, teacher=teacher, pool=pool)
+        new_state, good, guard_metrics = _guarded(state, updated, terms, grads)
+        if bank_push is not None:  # Written after the guard, into the donated bank: no second copy.
+            new_state = new_state.replace(bank=memory.push_class_bank(
+                state.bank, bank_push.keys, jnp.where(good, bank_push.written, 0)))
         return new_state, {**metrics, **guard_metrics, "loss": loss, "lr": learning_rate(config, stage_step)}
 
     return train_step
@@ -101,7 +104,7 @@ def make_pretrain_step(config: ml_collections.ConfigDict, nets: Networks):
             pretrain=rel.replace(params=heads, teacher=teacher_heads, opt_state=opt_state,
                                  global_queue=memory.push_embedding_pool(rel.global_queue, global_rows),
                                  local_queue=memory.push_embedding_pool(rel.local_queue, local_rows)))
-        new_state, guard_metrics = _guarded(state, updated, terms, grads)
+        new_state, _, guard_metrics = _guarded(state, updated, terms, grads)
         return new_state, {**metrics, **guard_metrics, "loss": loss,
                            "lr": pretrain.pretrain_learning_rate(config, state.step)}
 

@@ -38,3 +38,11 @@ def test_unet_case_reports_flops_and_the_forward_share():
     assert result["backward_and_update_s"] == result["median_s"] - result["forward_median_s"]
     line = benchmark.summary_line(result)
     assert "GFLOP/s" in line and "backward+update" in line
+
+
+def test_remat_option_sets_the_switch_and_rejects_other_values():
+    assert benchmark._acdc_config(64, None, "all", "off").arco.remat_student is False
+    assert benchmark._acdc_config(64, None, "all", "on").arco.remat_student is True
+    assert benchmark._acdc_config(64, None, "all").arco.remat_student is True  # configs/acdc.py
+    with pytest.raises(ValueError, match="remat='yes'"):
+        benchmark._acdc_config(64, None, "all", "yes")

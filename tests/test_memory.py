@@ -136,3 +136,30 @@ def test_push_embedding_pool_is_fifo_with_wrap_around():
         assert int(pool.pointer) == pointer
     # 12 pushes into 5 rows: the last five written survive, the newest at pointer - 1.
     np.testing.assert_allclose(pool.rows[:, 0], [4.1, 4.2, 3.1, 3.2, 4.0])
+
+
+def test_pushed_bank_reads_what_the_push_will_write():
+    """The view the contrastive term reads during a step equals the bank after the push, at
+    every row, through wrap-around, partial pushes, a class that writes nothing and a full bank."""
+    capacities, dim, n = (7, 5, 4), 3, 3
+    bank = memory.init_class_bank(capacities, dim)
+    rng = np.random.default_rng(0)
+    view_rows = jax.jit(lambda b, p, i: memory.PushedBank(b, p).rows(i))
+    for step in range(6):
+        keys = jnp.asarray(rng.normal(size=(3, n, dim)), jnp.float32)
+        valid = jnp.asarray([3, step % 4, 0 if step % 2 else 2], jnp.int32)
+        push = memory.bank_push(keys, valid)
+        view, after = memory.PushedBank(bank, push), memory.push_class_bank(bank, keys, valid)
+        flat = jnp.arange(3 * max(capacities))
+        np.testing.assert_array_equal(view_rows(bank, push, flat), after.keys.reshape(-1, dim))
+        np.testing.assert_array_equal(view.count, after.count)
+        np.testing.assert_array_equal(view.filled, after.filled)
+        np.testing.assert_array_equal(view.filled_and_zero_row, after.filled_and_zero_row)
+        bank = after
+    assert int(bank.count[0]) == capacities[0]  # the loop did wrap the largest ring
+
+
+def test_bank_push_normalises_valid_to_row_counts():
+    keys = jnp.ones((3, 4, 2))
+    np.testing.assert_array_equal(memory.bank_push(keys, jnp.array([True, False, True])).written, [4, 0, 4])
+    np.testing.assert_array_equal(memory.bank_push(keys, jnp.array([-1, 2, 9])).written, [0, 2, 4])

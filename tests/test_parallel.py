@@ -1,5 +1,6 @@
 """The train step on a device mesh: one device and two (fake CPU) devices, with the batch split
-over the 'data' axis, follow the same trajectory for the same global batch and seed."""
+over the 'data' axis, follow the same trajectory for the same global batch and seed, with the
+student's passes separate and as one rematerialised loop (arco.remat_student)."""
 import jax
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ from tests.test_step import make_batch, tiny_config
 STEPS = 3
 
 
-def trajectory(num_devices: int):
+def trajectory(num_devices: int, remat: bool):
     config = tiny_config()
+    config.arco.remat_student = remat
     mesh = parallel.make_mesh(num_devices)
     nets = state_lib.build_networks(config)
     tx = state_lib.build_optimizer(config)
@@ -32,11 +34,11 @@ def trajectory(num_devices: int):
     return losses, jax.device_get(state.params), state
 
 
-@pytest.fixture(scope="module")
-def runs():
+@pytest.fixture(scope="module", params=[False, True], ids=["separate", "remat"])
+def runs(request):
     if len(jax.devices()) < 2:
         pytest.skip("needs two devices (tests/conftest.py sets XLA_FLAGS for two CPU devices)")
-    return trajectory(1), trajectory(2)
+    return trajectory(1, request.param), trajectory(2, request.param)
 
 
 def test_two_devices_follow_the_one_device_trajectory(runs):
