@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from arco_jax import augment, losses, memory, sampling
+from arco_jax import augment, losses, memory, parallel, sampling
 from arco_jax.config import LOSS_TERMS
 from arco_jax.state import Networks, TrainState
 
@@ -94,8 +94,12 @@ class Forward:
                 mutable=["batch_stats"])
             return updated["batch_stats"], (logits, features)
 
+        # The body's batch-norm statistics of a sharded batch are collectives: on several CPU
+        # devices the loop is unrolled (same results, no memory saved; see parallel.py).
+        unroll = not parallel.collectives_in_loops_are_safe()
         self.batch_stats, stacked = jax.lax.scan(
-            one_chunk, self.batch_stats, (jnp.concatenate(chunked_images), jnp.concatenate(chunk_keys)))
+            one_chunk, self.batch_stats, (jnp.concatenate(chunked_images), jnp.concatenate(chunk_keys)),
+            unroll=unroll)
         outputs, start = {}, 0
         for name, (images, _) in passes.items():
             count = images.shape[0] // chunk

@@ -28,6 +28,14 @@ class ProcessFailure(RuntimeError):
     """Another process failed a step that every process must pass; its message is included."""
 
 
+def collectives_in_loops_are_safe() -> bool:
+    """False on XLA:CPU with several devices: it runs the collectives inside a loop body
+    unordered with the program's other collectives, so two devices can each wait in a
+    different one (seen as a 40 s rendezvous timeout). Loops whose body needs collectives
+    (a rematerialised pass over a sharded batch) are then unrolled."""
+    return not (jax.default_backend() == "cpu" and jax.device_count() > 1)
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A ('data',) mesh over all devices of all processes (or the first `num_devices`)."""
     devices = jax.devices()

@@ -59,6 +59,13 @@ class _Strata(NamedTuple):
     position_of: Callable[[jax.Array], jax.Array]
 
 
+
+def _searchsorted(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
+    """jnp.searchsorted(side='right') as an unrolled binary search, with no loop: XLA:CPU runs
+    collectives inside a loop body unordered with the program's other collectives, which can
+    deadlock two devices of a mesh when a candidate mask is sharded. Same results."""
+    return jnp.searchsorted(sorted_values, queries, side="right", method="scan_unrolled")
+
 def grid_cut(num_strata: int) -> int:
     """Side of the square grid of strata; num_strata must be a perfect square (9, 16, 25, ...)."""
     if isinstance(num_strata, bool) or not isinstance(num_strata, (int, np.integer)):
@@ -169,7 +176,7 @@ def _index_strata(candidate_cumsum: jax.Array, cut: int) -> _Strata:
     return _Strata(
         counts=grid.counts(num_candidates),
         rank_of=grid.rank_of,
-        position_of=lambda rank: jnp.searchsorted(candidate_cumsum, rank, side="right"),
+        position_of=lambda rank: _searchsorted(candidate_cumsum, rank),
     )
 
 
@@ -198,7 +205,7 @@ def _spatial_strata(flat_mask: jax.Array, cut: int, spatial_shape: tuple[int, ..
         counts=counts,
         rank_of=lambda stratum, local_rank: offsets[stratum] + local_rank,
         position_of=lambda rank: jnp.asarray(cell_major)[
-            jnp.searchsorted(cumsum_cell_major, rank, side="right")],
+            _searchsorted(cumsum_cell_major, rank)],
     )
 
 
@@ -252,7 +259,7 @@ def _slots_per_stratum(key: jax.Array, counts: jax.Array, n: int) -> jax.Array:
     leftover = n - jnp.sum(quota)
     start = jax.random.randint(key, (), 0, total)
     points = start + jnp.arange(num_strata, dtype=jnp.int32) * total
-    hit = jnp.searchsorted(jnp.cumsum(remainder), points, side="right")
+    hit = _searchsorted(jnp.cumsum(remainder), points)
     used = jnp.arange(num_strata) < leftover
     extra = jnp.zeros(num_strata + 1, jnp.int32).at[jnp.where(used, hit, num_strata)].add(1)
     return quota + extra[:num_strata]
@@ -269,7 +276,7 @@ def _stratified_slots(key: jax.Array, counts: jax.Array, n: int,
     slots = _slots_per_stratum(allocation_key, counts, n)
     slot_ends = jnp.cumsum(slots)
     slot = jnp.arange(n, dtype=jnp.int32)
-    stratum = jnp.searchsorted(slot_ends, slot, side="right").astype(jnp.int32)
+    stratum = _searchsorted(slot_ends, slot).astype(jnp.int32)
     stratum_size = jnp.maximum(counts[stratum], 1)
     local_rank = jax.random.randint(rank_key, (n,), 0, stratum_size)
     if antithetic:
@@ -313,7 +320,7 @@ def sample(key: jax.Array, mask: jax.Array, n: int, *, method: str, num_strata: 
     uniform_rank = jax.random.randint(uniform_key, (n,), 0, jnp.maximum(num_candidates, 1))
 
     if method == "uniform":
-        positions = jnp.searchsorted(candidate_cumsum, uniform_rank, side="right")
+        positions = _searchsorted(candidate_cumsum, uniform_rank)
     else:
         if layout == "index":
             strata = _index_strata(candidate_cumsum, cut)

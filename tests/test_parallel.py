@@ -1,13 +1,17 @@
 """The train step on a device mesh: one device and two (fake CPU) devices, with the batch split
 over the 'data' axis, follow the same trajectory for the same global batch and seed, with the
 student's passes separate and as one rematerialised loop (arco.remat_student)."""
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from arco_jax import parallel
+from arco_jax import parallel, sampling
 from arco_jax import state as state_lib
-from arco_jax.objective import Batch
+from arco_jax.objective import Batch, Forward
 from arco_jax.step import make_train_step
 from tests.test_step import make_batch, tiny_config
 
@@ -54,3 +58,45 @@ def test_state_stays_replicated_over_the_mesh(runs):
     leaf = jax.tree.leaves(state.params)[0]
     assert len(leaf.sharding.device_set) == 2
     assert leaf.sharding.is_fully_replicated
+
+
+def loop_bodies_with_collectives(hlo_text: str) -> list[str]:
+    """Names of while-loop bodies of compiled HLO that contain a collective."""
+    bodies = set(re.findall(r" while\(.*?body=%?([\w.\-]+)", hlo_text))
+    found, computation = [], None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" "):
+            computation = line.split()[0].lstrip("%")
+        elif computation in bodies and re.search(r" (all-reduce|all-gather|collective-permute|all-to-all|"
+                                                 r"reduce-scatter)(-start)?\(", line):
+            found.append(computation)
+    return sorted(set(found))
+
+
+def test_no_collective_runs_inside_a_loop_on_a_cpu_mesh():
+    """XLA:CPU can deadlock two devices on a collective inside a loop body (parallel.py): the
+    samplers' searches and the rematerialised student passes over a sharded batch have none."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs two devices")
+    mesh = parallel.make_mesh(2)
+    config = tiny_config()
+    config.arco.remat_student = True
+    nets = state_lib.build_networks(config)
+    state = jax.eval_shape(lambda: state_lib.create_train_state(config, nets, state_lib.build_optimizer(config),
+                                                                 jax.random.key(0, impl="rbg")))
+    images = jax.ShapeDtypeStruct((4, 32, 32, 1), np.float32, sharding=parallel.batch_sharding(mesh))
+    keys = jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))
+
+    def loss(params, batch_stats, a, b, key_a, key_b):
+        out = Forward(config, nets, params, {}, batch_stats).student_passes({"a": (a[:2], key_a), "b": (b, key_b)})
+        return sum(jnp.sum(logits) for logits, _ in out.values())
+
+    hlo = jax.jit(jax.grad(loss)).lower(state.params, state.batch_stats, images, images, keys, keys).compile().as_text()
+    assert loop_bodies_with_collectives(hlo) == []
+
+    mask = jax.ShapeDtypeStruct((3, 4 * 32 * 32), bool, sharding=NamedSharding(mesh, P(None, parallel.DATA_AXIS)))
+    for method in ("uniform", "sg", "sag"):
+        sample = jax.vmap(lambda k, m, method=method: sampling.sample(k, m, 16, method=method))
+        hlo = jax.jit(sample).lower(jax.eval_shape(lambda: jax.random.split(jax.random.key(0, impl="rbg"), 3)),
+                                    mask).compile().as_text()
+        assert loop_bodies_with_collectives(hlo) == [], method

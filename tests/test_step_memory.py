@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from arco_jax import config as config_lib
-from arco_jax import objective
+from arco_jax import objective, parallel
 from arco_jax import state as state_lib
 from arco_jax.objective import Batch, Forward
 from arco_jax.step import make_train_step
@@ -73,7 +73,10 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def test_equal_passes_give_the_separate_passes_results(model):
+def test_equal_passes_give_the_separate_passes_results(model, monkeypatch):
+    # The test session has two CPU devices, on which the loop is unrolled; this one-device
+    # computation gets the loop, as on a single CPU.
+    monkeypatch.setattr(parallel, "collectives_in_loops_are_safe", lambda: True)
     nets, state = model
     passes = {"labeled": (images(0, BATCH), rkey(1)),
               "strong": (images(1, BATCH), rkey(2))}
