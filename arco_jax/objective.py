@@ -52,11 +52,15 @@ class Forward:
     teacher: dict
     batch_stats: dict
 
-    def student(self, images: jax.Array, key: jax.Array):
-        variables = {"params": self.params["segmenter"], "batch_stats": self.batch_stats}
-        (logits, features), updated = self.nets.segmenter.apply(
+    def _student_apply(self, batch_stats: dict, images: jax.Array, key: jax.Array):
+        """One train-mode student forward: ((logits, features), updated batch statistics)."""
+        variables = {"params": self.params["segmenter"], "batch_stats": batch_stats}
+        outputs, updated = self.nets.segmenter.apply(
             variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-        self.batch_stats = updated["batch_stats"]
+        return outputs, updated["batch_stats"]
+
+    def student(self, images: jax.Array, key: jax.Array):
+        (logits, features), self.batch_stats = self._student_apply(self.batch_stats, images, key)
         return logits, features
 
     def student_passes(self, passes: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, tuple]:
@@ -65,9 +69,9 @@ class Forward:
 
         With `arco.remat_student` the passes run as one loop whose body is rematerialised:
         the backward pass recomputes one chunk's activations at a time instead of keeping
-        every pass's (at 256 px, batch 4+4: about 1.4 GiB less, and one more forward per
-        chunk). A loop needs equal chunks, so every pass is cut into chunks of the greatest
-        common divisor of the pass sizes; a pass cut in k > 1 chunks (chunk i: images i, i + k,
+        every pass's (at 256 px, batch 4+4: 1.8 GiB less, and one more forward per chunk).
+        A loop needs equal chunks, so every pass is cut into chunks of the greatest common
+        divisor of the pass sizes; a pass cut in k > 1 chunks (chunk i: images i, i + k,
         i + 2k, ...) normalises each chunk as its own batch-norm batch, with dropout keys split
         from its key. With equal labeled and unlabeled batches that is the equivariance pass
         only: two batch-norm batches, each of half its labeled and half its unlabeled views.
@@ -84,15 +88,11 @@ class Forward:
             # over the mesh stays on that device.
             chunked_images.append(images.reshape((chunk, count) + images.shape[1:]).swapaxes(0, 1))
             chunk_keys.append(key[None] if count == 1 else jax.random.split(key, count))
-        segmenter, params = self.nets.segmenter, self.params["segmenter"]
 
         @functools.partial(jax.checkpoint, prevent_cse=False)
         def one_chunk(batch_stats, inputs):
-            images, key = inputs
-            (logits, features), updated = segmenter.apply(
-                {"params": params, "batch_stats": batch_stats}, images, train=True, rngs={"dropout": key},
-                mutable=["batch_stats"])
-            return updated["batch_stats"], (logits, features)
+            outputs, batch_stats = self._student_apply(batch_stats, *inputs)
+            return batch_stats, outputs
 
         # The body's batch-norm statistics of a sharded batch are collectives: on several CPU
         # devices the loop is unrolled (same results, no memory saved; see parallel.py).

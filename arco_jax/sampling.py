@@ -59,12 +59,12 @@ class _Strata(NamedTuple):
     position_of: Callable[[jax.Array], jax.Array]
 
 
-
 def _searchsorted(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
     """jnp.searchsorted(side='right') as an unrolled binary search, with no loop: XLA:CPU runs
     collectives inside a loop body unordered with the program's other collectives, which can
     deadlock two devices of a mesh when a candidate mask is sharded. Same results."""
     return jnp.searchsorted(sorted_values, queries, side="right", method="scan_unrolled")
+
 
 def grid_cut(num_strata: int) -> int:
     """Side of the square grid of strata; num_strata must be a perfect square (9, 16, 25, ...)."""
