@@ -111,8 +111,8 @@ def test_a_larger_pass_runs_as_chunks_with_their_own_batch_norm_batch_and_keys(m
 
 def batch(seed: int, size: int) -> Batch:
     rng = np.random.default_rng(seed)
-    return Batch(image_l=images(seed, BATCH, size), label_l=jnp.asarray(rng.integers(0, 4, (BATCH, size, size)), jnp.int32),
-                 image_u=images(seed + 100, BATCH, size))
+    labels = jnp.asarray(rng.integers(0, 4, (BATCH, size, size)), jnp.int32)
+    return Batch(image_l=images(seed, BATCH, size), label_l=labels, image_u=images(seed + 100, BATCH, size))
 
 
 def loss_terms(config, nets, state, data):
