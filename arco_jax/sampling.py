@@ -15,9 +15,11 @@ Strata ("layouts"):
   the cell (i // edge, i % edge) of an edge x edge square, edge = round(sqrt(N)); the square is
   cut into a sqrt(G) x sqrt(G) grid of blocks whose last row and column absorb the remainder
   (and any rank beyond edge**2 falls into the last row of blocks).
-- 'spatial' (the paper): the image plane (H, W) is cut into a sqrt(G) x sqrt(G) grid of cells;
-  leading (batch) dimensions are pooled, so stratum g holds the class's pixels in cell g of
-  every image of the batch.
+- 'spatial' (the paper): the image plane (H, W) is cut into a sqrt(G) x sqrt(G) grid of cells,
+  or, with spatial_rank=3, the volume (D, H, W) into a cbrt(G) x cbrt(G) x cbrt(G) grid (pixel i
+  of an axis of size S lies in cell i * cut // S, on every axis alike); leading (batch)
+  dimensions are pooled, so stratum g holds the class's pixels in cell g of every image or
+  volume of the batch. 'index' ignores spatial_rank: it always cuts a square of ranks.
 
 Allocation is proportional: stratum g gets floor(n N_g / N) slots, and the remaining R slots go
 to R distinct strata chosen by systematic sampling with inclusion probability equal to the
@@ -38,6 +40,7 @@ import numpy as np
 
 SAMPLERS = ("uniform", "sg", "sag")
 LAYOUTS = ("index", "spatial")
+SPATIAL_RANKS = (2, 3)  # images (..., H, W) and volumes (..., D, H, W)
 
 # Proportional quotas are estimated in float32 and then corrected exactly with int32 arithmetic;
 # the correction needs the estimate within one of the truth (n < 2**22) and products that wrap
@@ -66,15 +69,44 @@ def _searchsorted(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
     return jnp.searchsorted(sorted_values, queries, side="right", method="scan_unrolled")
 
 
-def grid_cut(num_strata: int) -> int:
-    """Side of the square grid of strata; num_strata must be a perfect square (9, 16, 25, ...)."""
-    if isinstance(num_strata, bool) or not isinstance(num_strata, (int, np.integer)):
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _check_rank(name: str, rank: int) -> None:
+    if not _is_int(rank) or rank not in SPATIAL_RANKS:
+        raise ValueError(f"{name} must be 2 (images, (..., H, W)) or 3 (volumes, (..., D, H, W)), got {rank!r}")
+
+
+def _integer_root(value: int, rank: int) -> int:
+    """floor(value ** (1 / rank)) in exact integer arithmetic (floats misround large cubes)."""
+    if rank == 2:
+        return math.isqrt(value)
+    if value < 2:
+        return value
+    root = 1 << -(-value.bit_length() // rank)  # an upper bound: Newton then descends to the floor
+    while True:
+        better = ((rank - 1) * root + value // root ** (rank - 1)) // rank
+        if better >= root:
+            return root
+        root = better
+
+
+def _grid_rule(rank: int) -> str:
+    if rank == 2:
+        return "a perfect square >= 1 (e.g. 9, 16, 25): the strata form a sqrt(G) x sqrt(G) grid"
+    return ("a perfect cube >= 1 (e.g. 8, 27, 64): the strata form a cbrt(G) x cbrt(G) x cbrt(G) grid "
+            "over (D, H, W)")
+
+
+def grid_cut(num_strata: int, rank: int = 2) -> int:
+    """Side of the square (rank 2) or cubic (rank 3) grid of strata; num_strata must be its power."""
+    _check_rank("rank", rank)
+    if not _is_int(num_strata):
         raise ValueError(f"num_strata must be an int, got {num_strata!r}")
-    cut = math.isqrt(max(int(num_strata), 0))
-    if num_strata < 1 or cut * cut != num_strata:
-        raise ValueError(
-            f"num_strata must be a perfect square >= 1 (e.g. 9, 16, 25): the strata form a "
-            f"sqrt(G) x sqrt(G) grid; got {num_strata}")
+    cut = _integer_root(max(int(num_strata), 0), rank)
+    if num_strata < 1 or cut**rank != num_strata:
+        raise ValueError(f"num_strata must be {_grid_rule(rank)}; got {num_strata}")
     return cut
 
 
@@ -83,27 +115,48 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def _spatial_shape_for(mask_shape: tuple[int, ...], layout: str,
-                       spatial_shape: tuple[int, ...] | None, cut: int) -> tuple[int, ...] | None:
-    """The (..., H, W) shape the 'spatial' layout reads the flattened mask with."""
+def _grid_rank(layout: str, spatial_rank: int) -> int:
+    """Rank of the grid of strata: only 'spatial' follows the data; 'index' always cuts a square."""
+    _check_rank("spatial_rank", spatial_rank)
+    return int(spatial_rank) if layout == "spatial" else 2
+
+
+def strata_rule(layout: str, spatial_rank: int = 2) -> str:
+    """Which num_strata a layout accepts, as one line (for config validators' messages)."""
+    _check_choice("layout", layout, LAYOUTS)
+    return _grid_rule(_grid_rank(layout, spatial_rank))
+
+
+def check_num_strata(num_strata: int, layout: str, spatial_rank: int = 2) -> int:
+    """Raise ValueError unless num_strata suits the layout and rank; returns the grid's side."""
+    _check_choice("layout", layout, LAYOUTS)
+    return grid_cut(num_strata, _grid_rank(layout, spatial_rank))
+
+
+def _spatial_shape_for(mask_shape: tuple[int, ...], layout: str, spatial_shape: tuple[int, ...] | None,
+                       cut: int, rank: int) -> tuple[int, ...] | None:
+    """The (..., H, W) or (..., D, H, W) shape the 'spatial' layout reads the flattened mask with."""
     if layout == "index":
         if spatial_shape is not None:
             raise ValueError(
                 f"spatial_shape={spatial_shape} is only used by layout='spatial', got layout='index'")
         return None
     shape = tuple(mask_shape) if spatial_shape is None else tuple(int(s) for s in spatial_shape)
-    if len(shape) < 2:
+    axes = "(..., H, W)" if rank == 2 else "(..., D, H, W)"
+    if len(shape) < rank:
+        with_rank = "" if rank == 2 else f" with spatial_rank={rank}"
         raise ValueError(
-            f"layout='spatial' needs a mask of shape (..., H, W) or spatial_shape=(..., H, W); "
+            f"layout='spatial'{with_rank} needs a mask of shape {axes} or spatial_shape={axes}; "
             f"got mask shape {tuple(mask_shape)} and spatial_shape={spatial_shape}")
     if math.prod(shape) != math.prod(mask_shape):
         raise ValueError(
             f"spatial_shape {shape} holds {math.prod(shape)} pixels but the mask of shape "
             f"{tuple(mask_shape)} holds {math.prod(mask_shape)}")
-    height, width = shape[-2:]
-    if cut > min(height, width):
-        raise ValueError(
-            f"a {cut}x{cut} grid of strata does not fit an image of {height}x{width} pixels")
+    cell_axes = shape[-rank:]
+    if cut > min(cell_axes):
+        grid, extent = "x".join([str(cut)] * rank), "x".join(map(str, cell_axes))
+        image = "an image of {} pixels" if rank == 2 else "a volume of {} voxels"
+        raise ValueError(f"a {grid} grid of strata does not fit {image.format(extent)}")
     return shape
 
 
@@ -181,22 +234,25 @@ def _index_strata(candidate_cumsum: jax.Array, cut: int) -> _Strata:
 
 
 @functools.lru_cache(maxsize=16)
-def _spatial_cells(spatial_shape: tuple[int, ...], cut: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Static cell id of every flattened pixel, the cell-major order, and each cell's end in it."""
-    height, width = spatial_shape[-2:]
-    cell_rows = np.arange(height) * cut // height
-    cell_cols = np.arange(width) * cut // width
-    cell_2d = (cell_rows[:, None] * cut + cell_cols[None, :]).astype(np.int32)
-    cells = np.broadcast_to(cell_2d, spatial_shape).reshape(-1)
+def _spatial_cells(spatial_shape: tuple[int, ...], cut: int,
+                   rank: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Static cell id of every flattened pixel, the cell-major order, and each cell's end in it.
+
+    Cells are numbered in raster order of the grid over the last `rank` axes.
+    """
+    cell_grid = np.zeros((), np.int64)
+    for size in spatial_shape[-rank:]:
+        cell_grid = cell_grid[..., None] * cut + np.arange(size) * cut // size
+    cells = np.broadcast_to(cell_grid.astype(np.int32), spatial_shape).reshape(-1)
     cell_major = np.argsort(cells, kind="stable").astype(np.int32)
-    cell_ends = np.cumsum(np.bincount(cells, minlength=cut * cut)).astype(np.int32)
+    cell_ends = np.cumsum(np.bincount(cells, minlength=cut**rank)).astype(np.int32)
     for array in (cells, cell_major, cell_ends):
         array.flags.writeable = False
     return cells, cell_major, cell_ends
 
 
-def _spatial_strata(flat_mask: jax.Array, cut: int, spatial_shape: tuple[int, ...]) -> _Strata:
-    _, cell_major, cell_ends = _spatial_cells(spatial_shape, cut)
+def _spatial_strata(flat_mask: jax.Array, cut: int, spatial_shape: tuple[int, ...], rank: int) -> _Strata:
+    _, cell_major, cell_ends = _spatial_cells(spatial_shape, cut, rank)
     cumsum_cell_major = jnp.cumsum(flat_mask[cell_major], dtype=jnp.int32)
     candidates_before_end = cumsum_cell_major[cell_ends - 1]
     counts = jnp.diff(candidates_before_end, prepend=0)
@@ -210,15 +266,16 @@ def _spatial_strata(flat_mask: jax.Array, cut: int, spatial_shape: tuple[int, ..
 
 
 def stratum_ids(mask: jax.Array, num_strata: int = 16, layout: str = "index",
-                spatial_shape: tuple[int, ...] | None = None) -> jax.Array:
+                spatial_shape: tuple[int, ...] | None = None, *, spatial_rank: int = 2) -> jax.Array:
     """Stratum of every pixel of the flattened mask, in [0, G); non-candidates get G.
 
-    The same grouping `sample` uses, exposed for tests and variance studies.
+    The same grouping `sample` uses (same arguments), exposed for tests and variance studies.
     """
-    cut = grid_cut(num_strata)
+    rank = _grid_rank(layout, spatial_rank)
+    cut = grid_cut(num_strata, rank)
     _check_choice("layout", layout, LAYOUTS)
     mask = jnp.asarray(mask)
-    shape = _spatial_shape_for(mask.shape, layout, spatial_shape, cut)
+    shape = _spatial_shape_for(mask.shape, layout, spatial_shape, cut, rank)
     _check_sizes(mask.size, 1, num_strata)
     flat_mask = mask.reshape(-1).astype(bool)
     if layout == "index":
@@ -226,7 +283,7 @@ def stratum_ids(mask: jax.Array, num_strata: int = 16, layout: str = "index",
         grid = _IndexGrid.for_count(candidate_cumsum[-1], cut)
         ids = grid.stratum_of_rank(candidate_cumsum - 1)
     else:
-        ids = jnp.asarray(_spatial_cells(shape, cut)[0])
+        ids = jnp.asarray(_spatial_cells(shape, cut, rank)[0])
     return jnp.where(flat_mask, ids, num_strata).astype(jnp.int32)
 
 
@@ -287,8 +344,8 @@ def _stratified_slots(key: jax.Array, counts: jax.Array, n: int,
 
 
 def sample(key: jax.Array, mask: jax.Array, n: int, *, method: str, num_strata: int = 16,
-           layout: str = "index",
-           spatial_shape: tuple[int, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+           layout: str = "index", spatial_shape: tuple[int, ...] | None = None,
+           spatial_rank: int = 2) -> tuple[jax.Array, jax.Array]:
     """Draw n candidate pixels with replacement.
 
     Args:
@@ -296,10 +353,14 @@ def sample(key: jax.Array, mask: jax.Array, n: int, *, method: str, num_strata: 
       mask: boolean candidates, any static shape (non-bool is read as mask != 0).
       n: number of samples (static).
       method: 'uniform' (ReCo / ARCO-NS), 'sg' (stratified) or 'sag' (stratified antithetic).
-      num_strata: G, a perfect square; ignored by 'uniform'.
+      num_strata: G, a perfect square, or a perfect cube for 'spatial' with spatial_rank=3
+        (see `strata_rule`); checked but otherwise ignored by 'uniform'.
       layout: 'index' (strata over candidate ranks, as the reference code) or 'spatial'
-        (a grid over the image plane, as the paper).
-      spatial_shape: (..., H, W) for the 'spatial' layout; defaults to mask.shape.
+        (a grid over the image plane or volume, as the paper).
+      spatial_shape: (..., H, W), or (..., D, H, W) with spatial_rank=3, for the 'spatial'
+        layout; defaults to mask.shape.
+      spatial_rank: how many trailing axes the 'spatial' grid cuts: 2 (images) or 3 (volumes).
+        Accepted and ignored by 'index', so one setting can describe the data for both layouts.
 
     Returns:
       indices: (n,) int32 into mask.reshape(-1), all candidates when valid, else all 0.
@@ -308,9 +369,10 @@ def sample(key: jax.Array, mask: jax.Array, n: int, *, method: str, num_strata: 
     """
     _check_choice("method", method, SAMPLERS)
     _check_choice("layout", layout, LAYOUTS)
-    cut = grid_cut(num_strata)
+    rank = _grid_rank(layout, spatial_rank)
+    cut = grid_cut(num_strata, rank)
     mask = jnp.asarray(mask)
-    shape = _spatial_shape_for(mask.shape, layout, spatial_shape, cut)
+    shape = _spatial_shape_for(mask.shape, layout, spatial_shape, cut, rank)
     _check_sizes(mask.size, n, num_strata)
 
     flat_mask = mask.reshape(-1).astype(bool)
@@ -325,7 +387,7 @@ def sample(key: jax.Array, mask: jax.Array, n: int, *, method: str, num_strata: 
         if layout == "index":
             strata = _index_strata(candidate_cumsum, cut)
         else:
-            strata = _spatial_strata(flat_mask, cut, shape)
+            strata = _spatial_strata(flat_mask, cut, shape, rank)
         stratum, local_rank = _stratified_slots(
             strata_key, strata.counts, n, antithetic=method == "sag")
         # Any order of the candidates makes a uniform rank a uniform candidate, so the

@@ -1,6 +1,7 @@
 """Tests for the uniform / SG / SAG pixel samplers."""
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,17 +19,23 @@ NUM_DRAWS = 2000
 
 
 @functools.lru_cache(maxsize=None)
-def _draws_fn(n: int, method: str, layout: str, num_strata: int):
-    """jit(vmap over keys) of one sampler: many independent draws in a single call."""
+def _draws_fn(n: int, method: str, layout: str, num_strata: int, spatial_rank: int | None = None):
+    """jit(vmap over keys) of one sampler: many independent draws in a single call.
+
+    spatial_rank=None leaves the keyword out, so the default call stays the one under test.
+    """
+    rank_kwargs = {} if spatial_rank is None else {"spatial_rank": spatial_rank}
+
     def draw(key, mask):
-        return sampling.sample(key, mask, n, method=method, num_strata=num_strata, layout=layout)
+        return sampling.sample(key, mask, n, method=method, num_strata=num_strata, layout=layout,
+                               **rank_kwargs)
     return jax.jit(jax.vmap(draw, in_axes=(0, None)))
 
 
-def draws(mask, method, layout="index", n=N, seed=0):
+def draws(mask, method, layout="index", n=N, seed=0, num_strata=16, spatial_rank=None):
     """(NUM_DRAWS, n) indices and (NUM_DRAWS,) valid flags."""
     keys = jax.random.split(jax.random.key(seed), NUM_DRAWS)
-    indices, valid = _draws_fn(n, method, layout, 16)(keys, jnp.asarray(mask))
+    indices, valid = _draws_fn(n, method, layout, num_strata, spatial_rank)(keys, jnp.asarray(mask))
     return np.asarray(indices), np.asarray(valid)
 
 
@@ -251,3 +258,133 @@ def test_bad_arguments_raise(kwargs, message):
     kwargs = {"n": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         sampling.sample(jax.random.key(0), jnp.ones((2, 8, 8), bool), **kwargs)
+
+
+# --- 3-D volumes: layout='spatial' with spatial_rank=3 -------------------------------------------
+
+VOLUME = (2, 5, 7, 9)  # batch x D x H x W, every axis a different size so the cells are uneven
+
+
+def reference_volume_cells(shape, cut: int) -> np.ndarray:
+    """Cell of every voxel of a (D, H, W) volume: floor(i * cut / size) per axis, raster-numbered."""
+    d, h, w = np.meshgrid(*(np.arange(size) for size in shape), indexing="ij")
+    per_axis = [np.floor(i * cut / size).astype(int) for i, size in zip((d, h, w), shape)]
+    return (per_axis[0] * cut + per_axis[1]) * cut + per_axis[2]
+
+
+@pytest.mark.parametrize("num_strata", [8, 27])
+def test_volume_strata_are_volume_grid_cells(num_strata):
+    mask = random_mask(VOLUME, 0.6, seed=30)
+    cut = round(num_strata ** (1 / 3))
+    expected = np.where(mask, reference_volume_cells(VOLUME[1:], cut)[None], num_strata)
+    ids = np.asarray(sampling.stratum_ids(mask, num_strata, "spatial", spatial_rank=3))
+    np.testing.assert_array_equal(ids.reshape(VOLUME), expected)
+    from_flat = sampling.stratum_ids(mask.reshape(-1), num_strata, "spatial", spatial_shape=VOLUME, spatial_rank=3)
+    np.testing.assert_array_equal(from_flat, ids)
+
+
+def uneven_volume_mask() -> np.ndarray:
+    """Dense front-top-left corner, sparse elsewhere: 8 cells of very different sizes."""
+    mask = random_mask(VOLUME, 0.15, seed=31)
+    mask[:, :3, :4, :4] = True
+    return mask
+
+
+@pytest.mark.parametrize("method", STRATIFIED)
+def test_volume_quotas_are_proportional_and_draw_candidates(method):
+    mask = uneven_volume_mask()
+    ids = np.asarray(sampling.stratum_ids(mask, 8, "spatial", spatial_rank=3))
+    sizes = np.bincount(ids[mask.reshape(-1)], minlength=8)
+    share = N * sizes / sizes.sum()
+    indices, valid = draws(mask, method, "spatial", num_strata=8, spatial_rank=3)
+    assert valid.all() and mask.reshape(-1)[indices].all()
+    per_stratum = slot_counts(ids, indices, 8)
+    assert np.all(per_stratum >= np.floor(share)) and np.all(per_stratum <= np.ceil(share))
+    np.testing.assert_allclose((per_stratum - np.floor(share)).mean(axis=0), share - np.floor(share), atol=0.05)
+    if method == "sag":
+        ranks = local_ranks(ids, 8)
+        for row in indices[:50]:
+            for g, start, length in stratum_runs(ids[row]):
+                first, second = row[start:start + length - 1:2], row[start + 1:start + length:2]
+                np.testing.assert_array_equal(ranks[first] + ranks[second], sizes[g] - 1)
+
+
+@pytest.mark.parametrize("method", STRATIFIED)
+def test_volume_sparse_masks(method):
+    empty_indices, empty_valid = draws(np.zeros(VOLUME, bool), method, "spatial", num_strata=8, spatial_rank=3)
+    assert not empty_valid.any() and not empty_indices.any()
+    few = np.zeros(VOLUME, bool)
+    few.reshape(-1)[[5, 100, 333]] = True  # fewer candidates than strata: uniform fallback
+    indices, valid = draws(few, method, "spatial", num_strata=8, spatial_rank=3)
+    assert valid.all() and few.reshape(-1)[indices].all()
+    np.testing.assert_allclose(np.bincount(indices.ravel())[[5, 100, 333]] / indices.size, 1 / 3, atol=0.01)
+
+
+def test_jit_and_vmap_over_classes_in_3d():
+    shape = (2, 4, 6, 6)
+    masks = jnp.asarray(np.stack([random_mask(shape, 0.5, seed=32), np.zeros(shape, bool),
+                                  random_mask(shape, 0.05, seed=33)]))
+    keys = jax.random.split(jax.random.key(4), 3)
+    per_class = jax.jit(functools.partial(sampling.sample, n=24, method="sg", num_strata=8,
+                                          layout="spatial", spatial_rank=3))
+    indices, valid = jax.jit(jax.vmap(per_class))(keys, masks)
+    assert indices.shape == (3, 24) and valid.tolist() == [True, False, True]
+    for c in range(3):
+        expected, _ = per_class(keys[c], masks[c])
+        np.testing.assert_array_equal(indices[c], expected)
+        assert masks[c].reshape(-1)[expected].all() == bool(valid[c])
+
+
+@pytest.mark.parametrize("layout", sampling.LAYOUTS)
+@pytest.mark.parametrize("method", sampling.SAMPLERS)
+def test_explicit_rank_2_is_the_default(method, layout):
+    mask = random_mask(SHAPE, 0.4, seed=34)
+    default, explicit = draws(mask, method, layout, seed=9), draws(mask, method, layout, seed=9, spatial_rank=2)
+    np.testing.assert_array_equal(default[0], explicit[0])
+    np.testing.assert_array_equal(sampling.stratum_ids(mask, 16, layout),
+                                  sampling.stratum_ids(mask, 16, layout, spatial_rank=2))
+
+
+def test_index_layout_ignores_spatial_rank():
+    mask = random_mask(SHAPE, 0.5, seed=35)  # 16 strata, not a cube: 'index' still cuts a square
+    np.testing.assert_array_equal(sampling.stratum_ids(mask, 16, "index", spatial_rank=3),
+                                  sampling.stratum_ids(mask, 16, "index"))
+    np.testing.assert_array_equal(draws(mask, "sag", seed=5, spatial_rank=3)[0], draws(mask, "sag", seed=5)[0])
+
+
+def test_grid_cut_and_strata_rules():
+    assert [sampling.grid_cut(g) for g in (1, 9, 16)] == [1, 3, 4]
+    assert [sampling.grid_cut(g, rank=3) for g in (1, 8, 27, 64)] == [1, 2, 3, 4]
+    assert sampling.grid_cut((10**12) ** 3, rank=3) == 10**12
+    for bad in (16, 9, 26, (10**12) ** 3 + 1):
+        with pytest.raises(ValueError, match="perfect cube"):
+            sampling.grid_cut(bad, rank=3)
+    with pytest.raises(ValueError, match="rank must be 2"):
+        sampling.grid_cut(16, rank=4)
+    square = sampling.strata_rule("index")
+    assert "square" in square and square == sampling.strata_rule("index", 3) == sampling.strata_rule("spatial", 2)
+    assert "cube" in sampling.strata_rule("spatial", 3)
+    assert sampling.check_num_strata(16, "index", 3) == 4 and sampling.check_num_strata(27, "spatial", 3) == 3
+    with pytest.raises(ValueError, match=f"must be {re.escape(sampling.strata_rule('spatial', 3))}; got 16"):
+        sampling.check_num_strata(16, "spatial", 3)
+    with pytest.raises(ValueError, match="layout"):
+        sampling.check_num_strata(16, "grid", 2)
+    with pytest.raises(ValueError, match="spatial_rank must be 2"):
+        sampling.check_num_strata(16, "index", 1)
+
+
+@pytest.mark.parametrize("shape,kwargs,message", [
+    (VOLUME, dict(num_strata=16), "perfect cube .*got 16"),
+    (VOLUME, dict(num_strata=9), "perfect cube .*got 9"),
+    ((2, 2, 8, 8), dict(num_strata=27), "3x3x3 grid of strata does not fit a volume of 2x8x8 voxels"),
+    ((8, 8), dict(num_strata=8), "needs a mask of shape \\(\\.\\.\\., D, H, W\\)"),
+    (VOLUME, dict(num_strata=8, spatial_shape=(3, 5, 7, 9)), "holds"),
+    (VOLUME, dict(num_strata=8, spatial_rank=4), "spatial_rank must be 2"),
+    (VOLUME, dict(num_strata=8, spatial_rank=True), "spatial_rank must be 2"),
+])
+def test_bad_volume_arguments_raise(shape, kwargs, message):
+    kwargs = {"layout": "spatial", "spatial_rank": 3, **kwargs}
+    for call in (lambda: sampling.sample(jax.random.key(0), jnp.ones(shape, bool), 4, method="sg", **kwargs),
+                 lambda: sampling.stratum_ids(jnp.ones(shape, bool), **kwargs)):
+        with pytest.raises(ValueError, match=message):
+            call()
