@@ -5,20 +5,33 @@ runs inside the jitted train step on whatever device holds the batch (no host ro
 PIL). Every per-sample choice is drawn for the whole batch at once and applied by broadcasting.
 
 Conventions
-- images: (B, H, W, 1) float32 in [0, 1]; labels: (B, H, W) int32; confidences: (B, H, W).
-- `resample` takes pixel coordinates (row, col); `warp_affine` takes 2x3 matrices in the
-  normalised [-1, 1] (x, y) frame with corners at +-1 (PyTorch `affine_grid(...,
-  align_corners=True)`), so one matrix warps maps of any resolution alike.
+- Spatial rank r = 2 or 3, read from the arrays: images (B, H, W, C) or (B, D, H, W, C) float32
+  in [0, 1], any C and any (non-square) spatial shape; labels (B, H, W) / (B, D, H, W) int32;
+  confidences shaped like labels. Functions that get no array take the spatial shape
+  (`cutmix_mask`, `smooth_displacement`) or `spatial_rank` (`random_similarity`).
+- `resample` takes voxel coordinates in axis order ((row, col) or (depth, row, col));
+  `warp_affine` takes (B, r, r + 1) matrices in the normalised [-1, 1] frame (x, y[, z]) =
+  (col, row[, depth]) with corners at +-1 (PyTorch `affine_grid(..., align_corners=True)`, 4-D
+  or 5-D), so one matrix warps maps of any resolution alike.
+- The 2-D path draws exactly the keys it always drew: same key, same result, bit for bit.
+
+3-D choices (a volume is a stack of slices, often thick ones, so depth is never rotated into)
+- cutmix_mask: one box of about half the volume with every side between half and all of its
+  axis: width as in 2-D, then height over the rows that still fit, depth rounds the remainder.
+- gaussian_blur: one sigma, in voxels, along D, H and W (separable).
+- smooth_displacement: a (B, D, H, W, 3) field; `grid_spacing` may be given per axis.
+- random_similarity: (B, 3, 4) = the 2-D similarity in the (H, W) plane (rotation about the
+  depth axis, mirror of x), the same scale along depth and a depth shift drawn by the same rule.
 
 Strong view order (as in the reference train step): CutMix with the next image in the batch,
 then per-sample brightness/contrast jitter (p=.5), then per-sample Gaussian blur (p=.5), then,
 once per batch with p=.5, a small smooth diffeomorphic warp. Mixing comes first, so jitter,
-blur and warp treat the pasted rectangle and its surroundings as one image.
+blur and warp treat the pasted box and its surroundings as one image.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,103 +41,155 @@ Array = jax.Array
 
 _BLUR_TAPS = 9  # covers +-3.5 sigma at the largest blur sigma, 1.15
 _VELOCITY_SMOOTHING_TAPS = 7  # covers +-3 sigma at the velocity smoothing sigma, 1.0
+_IMAGE_SHAPES = "(B, H, W, C) or (B, D, H, W, C)"
+_MAP_SHAPES = {2: "(B, H, W)", 3: "(B, D, H, W)"}
 
 
-def _check_rank(name: str, x: Array, rank: int, what: str) -> None:
-    if x.ndim != rank:
-        raise ValueError(f"augment.{name}: expected {what}, got shape {tuple(x.shape)}")
+def _image_spatial_rank(name: str, images: Array) -> int:
+    """The spatial rank r of images (B, *spatial, C); a clear error for any other rank."""
+    if images.ndim not in (4, 5):
+        raise ValueError(f"augment.{name}: expected images of shape {_IMAGE_SHAPES}, "
+                         f"got shape {tuple(images.shape)}")
+    return images.ndim - 2
 
 
 def _check_batch(name: str, images: Array, labels: Optional[Array],
-                 confidences: Optional[Array]) -> None:
-    _check_rank(name, images, 4, "images of shape (B, H, W, C)")
+                 confidences: Optional[Array]) -> int:
+    """Checks labels/confidences are (B, *spatial) of the images; returns the spatial rank."""
+    rank = _image_spatial_rank(name, images)
+    expected = tuple(images.shape[:-1])
     for what, x in (("labels", labels), ("confidences", confidences)):
-        if x is not None and tuple(x.shape) != tuple(images.shape[:3]):
+        if x is not None and tuple(x.shape) != expected:
             raise ValueError(f"augment.{name}: {what} shape {tuple(x.shape)} does not match "
-                             f"images (B, H, W) = {tuple(images.shape[:3])}")
+                             f"images {_MAP_SHAPES[rank]} = {expected}")
+    return rank
+
+
+def _check_spatial_shape(name: str, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+    if len(spatial_shape) not in (2, 3):
+        raise ValueError(f"augment.{name}: spatial_shape must be (H, W) or (D, H, W), "
+                         f"got {tuple(spatial_shape)}")
+    return tuple(int(size) for size in spatial_shape)
 
 
 # ----------------------------------------------------------------------------- resampling
 
 def resample(x: Array, coords: Array, *, order: int, cval: float = 0.0) -> Array:
-    """Samples x (B, H, W, ...) at pixel coordinates coords (B, Ho, Wo, 2) = (row, col).
+    """Samples x (B, *spatial, ...) at voxel coordinates coords (B, *out_spatial, r).
 
-    order 1 is bilinear, order 0 nearest; a sample (or, for bilinear, each of its four corners)
-    outside the image takes `cval`, which is PyTorch grid_sample's padding_mode='zeros' when
-    cval=0. Built on jax.scipy.ndimage.map_coordinates: timed against a hand-written gather at
-    256x256, batch 8, on CPU, the two were within a factor of two of each other (about 1-5 ms)
-    and the library is the simpler to trust.
+    r = coords.shape[-1] is 2 ((row, col) into x (B, H, W, ...)) or 3 ((depth, row, col) into
+    x (B, D, H, W, ...)); trailing axes of x are carried along, each sampled alike. order 1 is
+    (bi/tri)linear, order 0 nearest; a sample (or, for linear, each of its corners) outside the
+    image takes `cval`, which is PyTorch grid_sample's padding_mode='zeros' when cval=0. Built
+    on jax.scipy.ndimage.map_coordinates: timed against a hand-written gather at 256x256,
+    batch 8, on CPU, the two were within a factor of two of each other (about 1-5 ms) and the
+    library is the simpler to trust.
     """
     if order not in (0, 1):
-        raise ValueError(f"augment.resample: order must be 0 (nearest) or 1 (bilinear), "
+        raise ValueError(f"augment.resample: order must be 0 (nearest) or 1 (linear), "
                          f"got {order}")
-    _check_rank("resample", coords, 4, "coords of shape (B, Ho, Wo, 2)")
-    if x.ndim < 3 or coords.shape[0] != x.shape[0] or coords.shape[-1] != 2:
-        raise ValueError(f"augment.resample: x {tuple(x.shape)} must be (B, H, W, ...) and "
-                         f"coords {tuple(coords.shape)} (B, Ho, Wo, 2) with the same B")
-    batch, height, width = x.shape[:3]
-    trailing = x.shape[3:]
-    channels_last = x.reshape(batch, height, width, -1)
+    rank = coords.shape[-1] if coords.ndim else 0
+    if rank not in (2, 3) or coords.ndim != rank + 2:
+        raise ValueError(f"augment.resample: expected coords of shape (B, Ho, Wo, 2) or "
+                         f"(B, Do, Ho, Wo, 3), got shape {tuple(coords.shape)}")
+    if x.ndim < rank + 1 or x.shape[0] != coords.shape[0]:
+        x_shape = "(B, H, W, ...)" if rank == 2 else "(B, D, H, W, ...)"
+        raise ValueError(f"augment.resample: x {tuple(x.shape)} must be {x_shape} to go with coords "
+                         f"{tuple(coords.shape)}, with the same B")
+    trailing = x.shape[rank + 1:]
+    channels_last = x.reshape(x.shape[:rank + 1] + (-1,))
 
     def one_channel(image: Array, sample_coords: Array) -> Array:
-        return ndimage.map_coordinates(image, [sample_coords[..., 0], sample_coords[..., 1]],
+        return ndimage.map_coordinates(image, [sample_coords[..., axis] for axis in range(rank)],
                                        order=order, mode="constant", cval=cval)
 
     per_sample = jax.vmap(one_channel, in_axes=(-1, None), out_axes=-1)
     out = jax.vmap(per_sample)(channels_last, coords)
-    return out.reshape(coords.shape[:3] + trailing)
+    return out.reshape(coords.shape[:-1] + trailing)
 
 
-def _pixel_grid(height: int, width: int) -> Array:
-    """(H, W, 2) float32 (row, col) coordinates of every pixel."""
-    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                              jnp.arange(width, dtype=jnp.float32), indexing="ij")
-    return jnp.stack([rows, cols], axis=-1)
+def _pixel_grid(spatial_shape: tuple[int, ...]) -> Array:
+    """(*spatial, r) float32 coordinates of every voxel, in axis order."""
+    axes = [jnp.arange(size, dtype=jnp.float32) for size in spatial_shape]
+    return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def _clip_to_image(coords: Array, height: int, width: int) -> Array:
-    """Clamps (row, col) coordinates into the image: PyTorch's padding_mode='border'."""
-    upper = jnp.array([height - 1, width - 1], coords.dtype)
+def _clip_to_image(coords: Array, spatial_shape: tuple[int, ...]) -> Array:
+    """Clamps voxel coordinates into the image: PyTorch's padding_mode='border'."""
+    upper = jnp.array([size - 1 for size in spatial_shape], coords.dtype)
     return jnp.clip(coords, 0.0, upper)
 
 
 # ----------------------------------------------------------------------------- CutMix
 
-def cutmix_mask(key: Array, batch_size: int, height: int, width: int) -> Array:
-    """(B, H, W) bool, True inside each sample's rectangle of about half the image area.
+def _box_mask(starts: Sequence[Array], sizes: Sequence[Array],
+              spatial_shape: tuple[int, ...]) -> Array:
+    """(B, *spatial) bool, True inside each sample's box [start, start + size) on every axis."""
+    rank = len(spatial_shape)
+    inside = None
+    for axis, (start, size, length) in enumerate(zip(starts, sizes, spatial_shape)):
+        index_shape = [1] * (rank + 1)
+        index_shape[axis + 1] = length
+        index = jnp.arange(length).reshape(index_shape)
+        start = start.reshape((-1,) + (1,) * rank)
+        end = start + size.reshape((-1,) + (1,) * rank)
+        within = (index >= start) & (index < end)
+        inside = within if inside is None else inside & within
+    return inside
 
-    As the reference draws it: width an integer uniform in (W/2, W) (W itself excluded), height
-    round(H*W/2 / width), the top-left corner uniform over the positions that fit.
+
+def cutmix_mask(key: Array, batch_size: int, *spatial_shape: int) -> Array:
+    """(B, *spatial) bool, True inside each sample's box of about half the image (volume).
+
+    spatial_shape is (H, W) or (D, H, W), static ints. 2-D, as the reference draws it: width an
+    integer uniform in (W/2, W) (W itself excluded), height round(H*W/2 / width), the top-left
+    corner uniform over the positions that fit. 3-D, the same rule one axis further: width as
+    in 2-D, height an integer uniform over the rows that keep the depth side under D (all H
+    allowed), depth round(D*H*W/2 / (width * height)); so every side lies in about (1/2, 1] of
+    its axis and the box holds half the volume to within half a slice of it.
     """
-    if width < 3 or height < 2:
-        raise ValueError(f"augment.cutmix_mask: image {height}x{width} is too small for a "
-                         f"rectangle of half the area with width in (W/2, W)")
-    width_key, col_key, row_key = jax.random.split(key, 3)
+    spatial_shape = _check_spatial_shape("cutmix_mask", spatial_shape)
+    if len(spatial_shape) == 2:
+        height, width = spatial_shape
+        if width < 3 or height < 2:
+            raise ValueError(f"augment.cutmix_mask: image {height}x{width} is too small for a "
+                             f"rectangle of half the area with width in (W/2, W)")
+        width_key, col_key, row_key = jax.random.split(key, 3)
+        box_w = jax.random.randint(width_key, (batch_size,), width // 2 + 1, width)
+        box_h = jnp.round(height * width / 2 / box_w).astype(jnp.int32)
+        col0 = jax.random.randint(col_key, (batch_size,), 0, width - box_w + 1)
+        row0 = jax.random.randint(row_key, (batch_size,), 0, height - box_h + 1)
+        return _box_mask((row0, col0), (box_h, box_w), spatial_shape)
+
+    depth, height, width = spatial_shape
+    if width < 3 or height < 2 or depth < 2:
+        raise ValueError(f"augment.cutmix_mask: volume {depth}x{height}x{width} is too small "
+                         f"for a box of half the volume with width in (W/2, W)")
+    width_key, height_key, col_key, row_key, depth_key = jax.random.split(key, 5)
     box_w = jax.random.randint(width_key, (batch_size,), width // 2 + 1, width)
-    box_h = jnp.round(height * width / 2 / box_w).astype(jnp.int32)
+    fewest_rows = (height * width) // (2 * box_w) + 1  # fewer would need a depth side over D
+    box_h = jax.random.randint(height_key, (batch_size,), fewest_rows, height + 1)
+    box_d = jnp.round(depth * height * width / 2 / (box_w * box_h)).astype(jnp.int32)
+    box_d = jnp.clip(box_d, 1, depth)
     col0 = jax.random.randint(col_key, (batch_size,), 0, width - box_w + 1)
     row0 = jax.random.randint(row_key, (batch_size,), 0, height - box_h + 1)
-    rows = jnp.arange(height)[None, :, None]
-    cols = jnp.arange(width)[None, None, :]
-    inside_rows = (rows >= row0[:, None, None]) & (rows < (row0 + box_h)[:, None, None])
-    inside_cols = (cols >= col0[:, None, None]) & (cols < (col0 + box_w)[:, None, None])
-    return inside_rows & inside_cols
+    depth0 = jax.random.randint(depth_key, (batch_size,), 0, depth - box_d + 1)
+    return _box_mask((depth0, row0, col0), (box_d, box_h, box_w), spatial_shape)
 
 
 def cutmix(key: Array, images: Array, labels: Array,
            confidences: Array) -> tuple[Array, Array, Array]:
-    """Pastes a rectangle of image (b+1) % B into image b; labels and confidences alike.
+    """Pastes a box of image (b+1) % B into image b; labels and confidences alike.
 
-    The reference keeps sample b outside the rectangle and takes the partner inside it; the
-    rectangle is `cutmix_mask(key, B, H, W)`, so a caller can rebuild it from the same key.
+    The reference keeps sample b outside the box and takes the partner inside it; the box is
+    `cutmix_mask(key, B, *spatial)`, so a caller can rebuild it from the same key.
     """
-    _check_batch("cutmix", images, labels, confidences)
-    batch, height, width = images.shape[:3]
-    pasted = cutmix_mask(key, batch, height, width)
+    rank = _check_batch("cutmix", images, labels, confidences)
+    pasted = cutmix_mask(key, images.shape[0], *images.shape[1:rank + 1])
 
     def mix(x: Array) -> Array:
         partner = jnp.roll(x, -1, axis=0)  # partner[b] = x[(b + 1) % B]
-        region = pasted.reshape(pasted.shape + (1,) * (x.ndim - 3))
+        region = pasted.reshape(pasted.shape + (1,) * (x.ndim - pasted.ndim))
         return jnp.where(region, partner, x)
 
     return mix(images), mix(labels), mix(confidences)
@@ -145,8 +210,10 @@ def intensity_jitter(key: Array, images: Array, *, p: float = 0.5,
     the image mean, each result clipped to [0, 1] as PIL's 8-bit images are. Saturation and hue,
     also drawn by the reference, are no-ops on grayscale. The reference applies brightness and
     contrast in random order; the two commute up to the clipping, so the order here is fixed.
+    With C > 1 every channel of a sample gets the same factors and the mean is over all of
+    them (torchvision would take the mean of a grayscale conversion).
     """
-    _check_rank("intensity_jitter", images, 4, "images of shape (B, H, W, C)")
+    _image_spatial_rank("intensity_jitter", images)
     apply_key, brightness_key, contrast_key = jax.random.split(key, 3)
     batch = images.shape[0]
     apply = jax.random.bernoulli(apply_key, p, (batch,))
@@ -155,7 +222,7 @@ def intensity_jitter(key: Array, images: Array, *, p: float = 0.5,
     contrast = jax.random.uniform(contrast_key, (batch,), minval=low, maxval=high)
 
     brightened = jnp.clip(images * _per_sample(brightness, images), 0.0, 1.0)
-    mean = jnp.mean(brightened, axis=(1, 2, 3), keepdims=True)
+    mean = jnp.mean(brightened, axis=tuple(range(1, images.ndim)), keepdims=True)
     contrasted = mean + _per_sample(contrast, images) * (brightened - mean)
     jittered = jnp.clip(contrasted, 0.0, 1.0)
     return jnp.where(_per_sample(apply, images), jittered, images)
@@ -169,7 +236,7 @@ def _gaussian_taps(sigma: Array, taps: int) -> Array:
 
 
 def _filter_axis(x: Array, weights: Array, axis: int, pad_mode: str) -> Array:
-    """Correlates x (B, H, W, C) along `axis` with per-sample odd-length weights (B, K)."""
+    """Correlates x (B, ...) along `axis` with per-sample odd-length weights (B, K)."""
     taps = weights.shape[1]
     half = taps // 2
     pad = [(0, 0)] * x.ndim
@@ -184,9 +251,11 @@ def _filter_axis(x: Array, weights: Array, axis: int, pad_mode: str) -> Array:
 
 
 def _gaussian_filter(x: Array, sigma: Array, taps: int, pad_mode: str) -> Array:
-    """Separable Gaussian filter over H and W of x (B, H, W, C) with a per-sample sigma."""
+    """Separable Gaussian filter over every spatial axis of x (B, *spatial, C), per-sample sigma."""
     weights = _gaussian_taps(sigma, taps)
-    return _filter_axis(_filter_axis(x, weights, 1, pad_mode), weights, 2, pad_mode)
+    for axis in range(1, x.ndim - 1):
+        x = _filter_axis(x, weights, axis, pad_mode)
+    return x
 
 
 def gaussian_blur(key: Array, images: Array, *, p: float = 0.5,
@@ -194,9 +263,10 @@ def gaussian_blur(key: Array, images: Array, *, p: float = 0.5,
     """Gaussian blur with sigma uniform in `sigma_range`, per sample with probability p.
 
     PIL's GaussianBlur(radius) is a Gaussian of standard deviation `radius` whose edges repeat
-    the border pixels; here it is a 9-tap separable kernel with edge padding.
+    the border pixels; here it is a 9-tap separable kernel with edge padding, along H and W or,
+    for volumes, D, H and W with the same sigma in voxels (slice spacing is not known here).
     """
-    _check_rank("gaussian_blur", images, 4, "images of shape (B, H, W, C)")
+    _image_spatial_rank("gaussian_blur", images)
     apply_key, sigma_key = jax.random.split(key)
     batch = images.shape[0]
     apply = jax.random.bernoulli(apply_key, p, (batch,))
@@ -208,33 +278,43 @@ def gaussian_blur(key: Array, images: Array, *, p: float = 0.5,
 
 # ----------------------------------------------------------------------------- smooth warp
 
-def smooth_displacement(key: Array, batch_size: int, height: int, width: int, *,
-                        magnitude: float = 1.5, grid_spacing: int = 8,
-                        smoothing_sigma: float = 1.0, squaring_steps: int = 8) -> Array:
-    """(B, H, W, 2) pixel displacement (row, col) of a random smooth diffeomorphism.
+GridSpacing = Union[int, Sequence[int]]
 
-    The reference's random morphological warp: a velocity field uniform in [-1, 1] on a grid
-    `grid_spacing` times coarser than the image, scaled to unit L2 norm per sample and then by
-    `magnitude` (in the normalised [-1, 1] frame), Gaussian-smoothed (zero padding, so it fades
-    at the border), bilinearly upsampled and integrated by scaling and squaring, which keeps
-    the map invertible. At 256 px and the defaults the displacement is about a pixel.
+
+def smooth_displacement(key: Array, batch_size: int, *spatial_shape: int,
+                        magnitude: float = 1.5, grid_spacing: GridSpacing = 8,
+                        smoothing_sigma: float = 1.0, squaring_steps: int = 8) -> Array:
+    """(B, *spatial, r) voxel displacement, in axis order, of a random smooth diffeomorphism.
+
+    spatial_shape is (H, W) or (D, H, W), static ints. The reference's random morphological
+    warp: a velocity field uniform in [-1, 1] on a grid `grid_spacing` times coarser than the
+    image (one int for every axis, or one per axis, e.g. (2, 8, 8) for thin volumes), scaled to
+    unit L2 norm per sample and then by `magnitude` (in the normalised [-1, 1] frame),
+    Gaussian-smoothed (zero padding, so it fades at the border), linearly upsampled and
+    integrated by scaling and squaring, which keeps the map invertible. At 256 px and the
+    defaults the displacement is about a pixel.
     """
-    coarse_h, coarse_w = max(height // grid_spacing, 1), max(width // grid_spacing, 1)
-    velocity = jax.random.uniform(key, (batch_size, coarse_h, coarse_w, 2),
-                                  minval=-1.0, maxval=1.0)
-    norm = jnp.sqrt(jnp.sum(velocity ** 2, axis=(1, 2, 3), keepdims=True))
+    spatial_shape = _check_spatial_shape("smooth_displacement", spatial_shape)
+    rank = len(spatial_shape)
+    spacing = tuple(grid_spacing) if isinstance(grid_spacing, (tuple, list)) else (grid_spacing,) * rank
+    if len(spacing) != rank:
+        raise ValueError(f"augment.smooth_displacement: grid_spacing {grid_spacing} must be an int "
+                         f"or one int per spatial axis of {spatial_shape}")
+    coarse = tuple(max(size // step, 1) for size, step in zip(spatial_shape, spacing))
+    velocity = jax.random.uniform(key, (batch_size,) + coarse + (rank,), minval=-1.0, maxval=1.0)
+    norm = jnp.sqrt(jnp.sum(velocity ** 2, axis=tuple(range(1, rank + 2)), keepdims=True))
     velocity = magnitude * velocity / (norm + 1e-20)
     sigma = jnp.full((batch_size,), smoothing_sigma, jnp.float32)
     velocity = _gaussian_filter(velocity, sigma, _VELOCITY_SMOOTHING_TAPS, "constant")
-    velocity = jax.image.resize(velocity, (batch_size, height, width, 2), method="linear")
-    # normalised [-1, 1] units -> pixels, corners at +-1
-    velocity = velocity * jnp.array([(height - 1) / 2, (width - 1) / 2], jnp.float32)
+    velocity = jax.image.resize(velocity, (batch_size,) + spatial_shape + (rank,), method="linear")
+    # normalised [-1, 1] units -> voxels, corners at +-1
+    velocity = velocity * jnp.array([(size - 1) / 2 for size in spatial_shape], jnp.float32)
 
-    grid = _pixel_grid(height, width)
+    grid = _pixel_grid(spatial_shape)
 
     def square(_, displacement: Array) -> Array:
         # phi o phi with phi = id + u:  u(x) + u(x + u(x)), sampled with border clamping
-        where = _clip_to_image(grid + displacement, height, width)
+        where = _clip_to_image(grid + displacement, spatial_shape)
         return displacement + resample(displacement, where, order=1)
 
     return jax.lax.fori_loop(0, squaring_steps, square, velocity / 2.0 ** squaring_steps)
@@ -242,25 +322,25 @@ def smooth_displacement(key: Array, batch_size: int, height: int, width: int, *,
 
 def smooth_warp(key: Array, images: Array, labels: Optional[Array] = None,
                 confidences: Optional[Array] = None, *, p: float = 0.5,
-                magnitude: float = 1.5, grid_spacing: int = 8
+                magnitude: float = 1.5, grid_spacing: GridSpacing = 8
                 ) -> tuple[Array, Optional[Array], Optional[Array]]:
     """With probability p (one draw for the whole batch) warps by `smooth_displacement`.
 
-    Images are resampled bilinearly, labels and confidences by nearest neighbour, so each
-    warped pixel keeps a (pseudo-label, confidence) pair that belongs together. Samples that
-    fall outside repeat the border, as the reference's clamped sampling grid does. The reference
-    warps the image only; pass labels/confidences to warp them too, or None to leave them.
-    `grid_spacing` must be a static Python int.
+    Images are resampled linearly, labels and confidences by nearest neighbour, so each
+    warped pixel keeps a (pseudo-label, confidence) pair that belongs together; all channels
+    share one field. Samples that fall outside repeat the border, as the reference's clamped
+    sampling grid does. The reference warps the image only; pass labels/confidences to warp
+    them too, or None to leave them. `grid_spacing` must be static.
     """
-    _check_batch("smooth_warp", images, labels, confidences)
+    rank = _check_batch("smooth_warp", images, labels, confidences)
     decide_key, field_key = jax.random.split(key)
-    batch, height, width = images.shape[:3]
+    batch, spatial_shape = images.shape[0], tuple(images.shape[1:rank + 1])
 
     def warp(arrays: tuple[Array, Optional[Array], Optional[Array]]):
         imgs, labs, confs = arrays
-        displacement = smooth_displacement(field_key, batch, height, width,
+        displacement = smooth_displacement(field_key, batch, *spatial_shape,
                                            magnitude=magnitude, grid_spacing=grid_spacing)
-        where = _clip_to_image(_pixel_grid(height, width) + displacement, height, width)
+        where = _clip_to_image(_pixel_grid(spatial_shape) + displacement, spatial_shape)
         imgs = resample(imgs, where, order=1)
         labs = None if labs is None else resample(labs, where, order=0)
         confs = None if confs is None else resample(confs, where, order=0)
@@ -272,11 +352,11 @@ def smooth_warp(key: Array, images: Array, labels: Optional[Array] = None,
 
 # ----------------------------------------------------------------------------- similarity warps
 
-def random_similarity(key: Array, batch_size: int, *,
+def random_similarity(key: Array, batch_size: int, *, spatial_rank: int = 2,
                       scale_range: tuple[float, float] = (0.8, 1.2),
                       max_rotation_deg: float = 60.0, max_translation: float = 0.1,
                       mirror: bool = True) -> Array:
-    """(B, 2, 3) random similarity matrices for the equivariance loss, one per sample.
+    """(B, 2, 3), or (B, 3, 4) with spatial_rank=3, random similarities for the equivariance loss.
 
     The reference's RandTPS in 'affine' mode: each matrix maps an output point (x, y, 1) in the
     normalised frame to the point it samples; its scale is uniform in the inverse of
@@ -284,7 +364,14 @@ def random_similarity(key: Array, batch_size: int, *,
     translation uniform in +-`max_translation` per axis, and with probability 1/2 the sampled
     x is mirrored. The reference draws the mirror once per batch; here each sample draws its
     own. Its extra thin-plate jitter of the control points (sigma 0.01) is left out.
+    In 3-D the rotation stays in the (H, W) plane (about the depth axis: slices are often thick,
+    so rotating depth into them would blur), the scale is isotropic and z gets its own shift;
+    the (x, y) part is exactly the 2-D matrix of the same key. Rotations act on the normalised
+    frame, so on a non-square image they also stretch, as PyTorch's affine_grid does.
     """
+    if spatial_rank not in (2, 3):
+        raise ValueError(f"augment.random_similarity: spatial_rank must be 2 (matrices (B, 2, 3)) "
+                         f"or 3 (matrices (B, 3, 4)), got {spatial_rank}")
     scale_key, angle_key, shift_key, mirror_key = jax.random.split(key, 4)
     scale = jax.random.uniform(scale_key, (batch_size,), minval=1.0 / scale_range[1],
                                maxval=1.0 / scale_range[0])
@@ -299,26 +386,38 @@ def random_similarity(key: Array, batch_size: int, *,
         flip = jax.random.bernoulli(mirror_key, 0.5, (batch_size,))
         sign = jnp.where(flip, -1.0, 1.0)
         matrices = matrices.at[:, 0, :].multiply(sign[:, None])
-    return matrices
+    if spatial_rank == 2:
+        return matrices
+    depth_shift = jax.random.uniform(jax.random.fold_in(shift_key, 1), (batch_size,),
+                                     minval=-max_translation, maxval=max_translation)
+    zeros = jnp.zeros((batch_size, 2, 1), matrices.dtype)
+    in_plane = jnp.concatenate([matrices[:, :, :2], zeros, matrices[:, :, 2:]], axis=2)
+    no_depth = jnp.zeros_like(scale)
+    depth_row = jnp.stack([no_depth, no_depth, scale, depth_shift], axis=-1)[:, None, :]
+    return jnp.concatenate([in_plane, depth_row], axis=1)
 
 
 def warp_affine(x: Array, matrices: Array, *, order: int, cval: float = 0.0) -> Array:
-    """Warps x (B, H, W, ...) by per-sample (B, 2, 3) matrices in the normalised frame.
+    """Warps x (B, H, W, ...) by (B, 2, 3) or x (B, D, H, W, ...) by (B, 3, 4) matrices.
 
-    Output pixel p samples x at matrices @ (p_x, p_y, 1); outside the image the value is
-    `cval` (0: the reference's padding_mode='zeros'). order 1 bilinear for images, logits,
-    probabilities and masks; order 0 nearest for integer labels.
+    The matrices are in the normalised frame (x, y[, z]) = (col, row[, depth]): output voxel p
+    samples x at matrices @ (p_x, p_y[, p_z], 1); outside the image the value is `cval` (0: the
+    reference's padding_mode='zeros'). Trailing axes (channels, classes) share the geometry.
+    order 1 linear for images, logits, probabilities and masks; order 0 nearest for labels.
     """
-    if x.ndim < 3 or matrices.shape != (x.shape[0], 2, 3):
-        raise ValueError(f"augment.warp_affine: x {tuple(x.shape)} must be (B, H, W, ...) and "
-                         f"matrices {tuple(matrices.shape)} must be (B, 2, 3)")
-    height, width = x.shape[1], x.shape[2]
-    # pixel -> normalised: x = 2 col / (W - 1) - 1, y = 2 row / (H - 1) - 1 (corners at +-1)
-    to_norm = jnp.array([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)], jnp.float32)
-    pixels = _pixel_grid(height, width)[..., ::-1]  # (col, row) = (x, y) order
+    rank = matrices.shape[1] if matrices.ndim == 3 else 0
+    if (rank not in (2, 3) or x.ndim < rank + 1 or matrices.shape != (x.shape[0], rank, rank + 1)):
+        raise ValueError(f"augment.warp_affine: x {tuple(x.shape)} must be (B, H, W, ...) with "
+                         f"matrices (B, 2, 3), or (B, D, H, W, ...) with matrices (B, 3, 4); got "
+                         f"matrices {tuple(matrices.shape)}")
+    spatial_shape = tuple(x.shape[1:rank + 1])
+    # voxel -> normalised: x = 2 col / (W - 1) - 1, y = 2 row / (H - 1) - 1, z likewise with D
+    to_norm = jnp.array([2.0 / max(size - 1, 1) for size in spatial_shape[::-1]], jnp.float32)
+    pixels = _pixel_grid(spatial_shape)[..., ::-1]  # (col, row[, depth]) = (x, y[, z]) order
     points = pixels * to_norm - 1.0
-    homogeneous = jnp.concatenate([points, jnp.ones((height, width, 1), jnp.float32)], -1)
-    sampled = jnp.einsum("bij,hwj->bhwi", matrices.astype(jnp.float32), homogeneous)
+    homogeneous = jnp.concatenate([points, jnp.ones(spatial_shape + (1,), jnp.float32)], -1)
+    axes = "dhw"[-rank:]
+    sampled = jnp.einsum(f"bij,{axes}j->b{axes}i", matrices.astype(jnp.float32), homogeneous)
     sampled_pixels = (sampled + 1.0) / to_norm
     return resample(x, sampled_pixels[..., ::-1], order=order, cval=cval)
 
@@ -349,11 +448,11 @@ def strong_augment(key: Array, images: Array, labels: Array, confidences: Array,
                    warp_labels: bool, warp_prob: float = 0.5
                    ) -> tuple[Array, Array, Array]:
     """The strong view of the unlabeled batch, in the reference's order: cutmix (partner
-    (b+1) % B), then `photometric_and_warp`."""
+    (b+1) % B) with `key`, then `photometric_and_warp` with fold_in(key, 1). The one builder of
+    the strong view: the train step and the variance study call it (objective.strong_view)."""
     _check_batch("strong_augment", images, labels, confidences)
-    mix_key, rest_key = jax.random.split(key)
-    images, labels, confidences = cutmix(mix_key, images, labels, confidences)
-    return photometric_and_warp(rest_key, images, labels, confidences,
+    images, labels, confidences = cutmix(key, images, labels, confidences)
+    return photometric_and_warp(jax.random.fold_in(key, 1), images, labels, confidences,
                                 warp_labels=warp_labels, warp_prob=warp_prob)
 
 
