@@ -122,6 +122,53 @@ def test_missing_slice_files_are_reported_at_construction(copy):
         next(ssl4mis.iterate_volumes(copy, "train"))
 
 
+def _tiny_root(root, slices_in, names=("patient001_frame01_slice_1", "patient001_frame01_slice_2"), fill=0.0):
+    """A two-slice SSL4MIS root with its slice files in `slices_in` ('data' or 'data/slices')."""
+    (root / slices_in).mkdir(parents=True, exist_ok=True)
+    (root / ssl4mis.TRAIN_SLICES_LIST).write_text("".join(f"{n}\n" for n in names))
+    _write(root / "data" / "patient001_frame01.h5", image=np.zeros((2, 8, 8), np.float32),
+           label=np.zeros((2, 8, 8), np.uint8))
+    for k, name in enumerate(names):
+        _write(root / slices_in / f"{name}.h5", image=np.full((8, 8), fill + k, np.float32),
+               label=np.full((8, 8), k, np.uint8))
+    return root
+
+
+def _items(source):
+    return [(item["name"], item["image"].tolist(), item["label"].tolist()) for item in source]
+
+
+def test_slices_in_data_or_data_slices_give_the_same_items(tmp_path):
+    nested = _tiny_root(tmp_path / "nested", "data/slices")
+    flat = _tiny_root(tmp_path / "flat", "data")  # Where the SSL4MIS processing script writes them.
+    assert ssl4mis.slice_dir(nested) == nested / "data" / "slices"
+    assert ssl4mis.slice_dir(flat) == flat / "data"
+    names = ssl4mis.list_train_slices(flat)
+    assert names == ssl4mis.list_train_slices(nested)
+    assert _items(ssl4mis.SliceSource(flat, names)) == _items(ssl4mis.SliceSource(nested, names))
+    (flat / "data" / "slices").mkdir()  # An empty data/slices/ does not hide the slices in data/.
+    assert _items(ssl4mis.SliceSource(flat, names)) == _items(ssl4mis.SliceSource(nested, names))
+
+
+def test_data_slices_is_preferred_when_both_hold_slices(tmp_path):
+    root = _tiny_root(_tiny_root(tmp_path / "both", "data", fill=5.0), "data/slices")
+    names = ssl4mis.list_train_slices(root)
+    assert ssl4mis.slice_dir(root) == root / "data" / "slices"
+    assert ssl4mis.SliceSource(root, names)[1]["image"][0, 0] == 1.0
+
+
+def test_missing_slice_error_names_the_folders_searched(tmp_path):
+    flat = _tiny_root(tmp_path / "flat", "data")
+    with pytest.raises(DataError, match="1 of 1 slice") as err:
+        ssl4mis.SliceSource(flat, ["patient001_frame01_slice_9"])
+    assert f"in {flat / 'data'};" in str(err.value) and str(flat / "data" / "slices") in str(err.value)
+    nested = _tiny_root(tmp_path / "nested", "data/slices")
+    with pytest.raises(DataError, match="1 of 1 slice") as err:
+        ssl4mis.SliceSource(nested, ["patient001_frame01_slice_9"])
+    assert f"in {nested / 'data' / 'slices'})" in str(err.value)
+    assert str(nested / "data" / "slices" / "patient001_frame01_slice_9.h5") in str(err.value)
+
+
 IMAGE = np.zeros((8, 8), np.float32)
 LABEL = np.zeros((8, 8), np.uint8)
 

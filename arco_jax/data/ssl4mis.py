@@ -6,6 +6,10 @@ Layout under a data root:
   data/slices/<slice>.h5   datasets image (H, W) float, label (H, W) integer
   data/<case>.h5           datasets image (D, H, W), label (D, H, W)
 
+The SSL4MIS processing script writes the slices into data/ next to the volumes, while its
+loaders read data/slices/; copies of the processed ACDC exist both ways, so slices are read
+from data/slices/ when that folder holds any .h5 file, else from data/ (`slice_dir`).
+
 "N labeled patients" means the first K lines of train_slices.list (K from
 `labeled_slice_count`); the rest of the list is the unlabeled pool.
 
@@ -43,8 +47,30 @@ def _data_dir(root: str | os.PathLike) -> Path:
         raise DataError(f"data root {root} does not exist or is not a directory")
     data = root / "data"
     if not data.is_dir():
-        raise DataError(f"{data} is missing: an SSL4MIS data root holds data/ and data/slices/")
+        raise DataError(f"{data} is missing: an SSL4MIS data root holds data/ (volumes; slices in "
+                        "data/slices/ or data/)")
     return data
+
+
+def _holds_h5(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(e.name.endswith(".h5") and e.is_file() for e in entries)
+
+
+def slice_dir(root: str | os.PathLike) -> Path:
+    """The folder that holds a root's slice files: data/slices/ when it exists and holds any .h5
+    file (preferred when data/ holds slices too), else data/ itself, where the SSL4MIS processing
+    script writes them. Decided once per root, so all slices come from one folder."""
+    data = _data_dir(root)
+    slices = data / "slices"
+    return slices if slices.is_dir() and _holds_h5(slices) else data
+
+
+def _slice_dir_description(folder: Path) -> str:
+    """Where slices were looked for, for error messages; both places when data/ was the fallback."""
+    if folder.name == "slices":
+        return f"in {folder}"
+    return f"in {folder}; {folder / 'slices'} does not exist or holds no .h5 files"
 
 
 def read_list(path: str | os.PathLike) -> list[str]:
@@ -190,19 +216,22 @@ def read_h5_pair(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, n
 class SliceSource:
     """Random-access source of training slices (grain RandomAccessDataSource protocol).
 
-    Item: dict(image (H, W) float32, label (H, W) uint8, name str). All files must exist at
-    construction; their content is checked when read.
+    Item: dict(image (H, W) float32, label (H, W) uint8, name str). Files are read from
+    `slice_dir(root)` (data/slices/ or data/); all must exist at construction; their content is
+    checked when read.
     """
 
     def __init__(self, root: str | os.PathLike, names: Sequence[str], num_classes: int = 4):
-        self._dir = _data_dir(root) / "slices"
+        self._dir = slice_dir(root)
         self._names = list(names)
         if not self._names:
             raise DataError(f"no slice names given for {self._dir}")
         self._num_classes = num_classes
-        _check_files_exist([self._path(n) for n in self._names], f"slice (in {self._dir})")
+        _check_files_exist([self.path(n) for n in self._names],
+                           f"slice ({_slice_dir_description(self._dir)})")
 
-    def _path(self, name: str) -> Path:
+    def path(self, name: str) -> Path:
+        """The h5 file of a slice (for readers of more than image and label, e.g. attributes)."""
         return self._dir / f"{name}.h5"
 
     @property
@@ -214,7 +243,7 @@ class SliceSource:
 
     def __getitem__(self, index: int) -> dict:
         name = self._names[index]
-        image, label = read_h5_pair(self._path(name), self._num_classes, ndim=2)
+        image, label = read_h5_pair(self.path(name), self._num_classes, ndim=2)
         return {"image": image, "label": label, "name": name}
 
     def __repr__(self) -> str:

@@ -68,8 +68,8 @@ ACDC needs registration; TFDS cannot download it. Put one of these in manual_dir
 
 (b) The SSL4MIS processed ACDC (as distributed by the SSL4MIS project, or written by
     `python -m arco_jax.data.acdc --raw_dir RAW --out_dir OUT`): train_slices.list, train.list,
-    val.list, test.list, data/<case>.h5 and data/slices/<slice>.h5. Use this for other splits:
-    convert with --split_file first.
+    val.list, test.list, data/<case>.h5 and data/slices/<slice>.h5 (or data/<slice>.h5, where the
+    SSL4MIS script writes them). Use this for other splits: convert with --split_file first.
 """
 
 
@@ -172,7 +172,7 @@ def _ssl4mis_slices(root: Path):
     source = ssl4mis.SliceSource(root, names, acdc.NUM_CLASSES)  # checks every file exists
     for order, name in enumerate(names):
         item = source[order]
-        spacing = _read_spacing(root / "data" / "slices" / f"{name}.h5")
+        spacing = _read_spacing(source.path(name))  # data/slices/ or data/, as the source reads
         yield order, _slice_example(name, order, item["image"], item["label"], spacing)
 
 
