@@ -106,12 +106,14 @@ def _parse(case: str) -> tuple[str, list[str], dict]:
 def _acdc_config(size: int, batch: str | None, terms: str, remat: str | None = None):
     from configs import acdc
 
+    from arco_jax.data import registry
+
     config = acdc.get_config()
     if remat is not None:
         if remat not in ("on", "off"):
             raise ValueError(f"benchmark option remat={remat!r}: use remat=on or remat=off")
         config.arco.remat_student = remat == "on"
-    config.data.dataset = "phantom"  # Shapes are all that matters here; validation needs no data dir.
+    registry.select(config, "phantom")  # Shapes are all that matters here; validation needs no data dir.
     config.data.patch_size = (size, size)
     if batch:
         labeled, unlabeled = (int(b) for b in batch.split("+"))

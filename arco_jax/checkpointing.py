@@ -216,9 +216,10 @@ class Checkpoints:
         self._write("last", step, lambda: self.last.save(step, args=args, force=True))
         self._pending["last"] = step
 
-    def save_best(self, step: int, state, val_dice: float) -> None:
-        """Start an asynchronous save of the new best state; best.json mirrors its record."""
-        record = {"step": step, "val_dice": val_dice}
+    def save_best(self, step: int, state, value: float, metric: str = "dice") -> None:
+        """Start an asynchronous save of the new best state (by validation `metric`); best.json
+        mirrors its record {'step', 'val_<metric>'}."""
+        record = {"step": step, f"val_{metric}": value}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(self._meta(step, state, best=record)))
         self._write("best", step, lambda: self.best.save(step, args=args, force=True))
@@ -323,7 +324,7 @@ class Checkpoints:
         return None if step is None else restored["state"]
 
     def best_record(self) -> dict | None:
-        """{'step', 'val_dice', 'config_hash'} of the best checkpoint, read from the checkpoint
+        """{'step', 'val_<metric>', 'config_hash'} of the best checkpoint, read from the checkpoint
         itself; best.json is rewritten from it if a run died between the two writes."""
         step = self.best.latest_step()
         if step is None:

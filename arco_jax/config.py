@@ -6,27 +6,24 @@ with a message that names the field, instead of minutes later inside a traced fu
 """
 from __future__ import annotations
 
-import math
-import os
+import json
+import re
 
 import ml_collections
 
-from arco_jax import methods
+from arco_jax import evaluators, methods
+from arco_jax.data import registry
+from arco_jax.errors import ConfigError
 from arco_jax.evaluation import EMPTY_POLICIES
 
 SAMPLERS = ("uniform", "sg", "sag")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 STRATA_LAYOUTS = ("index", "spatial")
-DATASETS = ("phantom", "acdc")
-DATA_SOURCES = ("h5", "tfds")
-ONE_PATIENT_SPLITS = ("whole", "reference")
 LOSS_TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")
 NEGATIVE_SOURCES = ("other_classes", "reference")
 NN_GRADIENTS = ("active", "reference")
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the field and the problem."""
+__all__ = ["ConfigError", "base_config", "validate", "upgrade_record"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,31 +32,32 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "acdc"  # 'acdc': SSL4MIS h5 layout in data_dir; 'phantom': built in.
-    c.data.data_dir = ""  # Root of the SSL4MIS layout (source 'h5') or the TFDS folder (source 'tfds').
-    c.data.source = "h5"  # ACDC as 'h5' (SSL4MIS files) or 'tfds' (built by arco_jax.data.tfds_acdc).
-    c.data.cache_dir = ""  # Where the phantom is generated ('' -> $ARCO_JAX_CACHE or ~/.cache).
-    c.data.num_classes = 4
-    c.data.class_names = ("RV", "Myo", "LV")  # Foreground classes 1..num_classes-1.
-    c.data.labeled_patients = 7
-    c.data.one_patient_split = "whole"  # 1 patient: 'whole' (32 slices) or 'reference' (23).
+    # Which registered dataset (arco_jax/data/registry.py); a config file picks it with
+    # registry.select(config, name), which adds that dataset's own fields to config.data.
+    c.data.dataset = ""
+    c.data.data_dir = ""  # The dataset's folder (what it holds is the dataset's to say).
+    # Declared by the dataset, recorded here by registry.select / registry.resolve; leave unset.
+    c.data.num_classes = ml_collections.config_dict.placeholder(int)
+    c.data.class_names = ml_collections.config_dict.placeholder(tuple)  # Foreground classes 1..C-1.
+    c.data.ignore_label = ml_collections.config_dict.placeholder(int)  # None: every pixel is labeled.
+    c.data.spatial_rank = ml_collections.config_dict.placeholder(int)  # 2: images/slices, 3: volumes.
+    c.data.in_channels = ml_collections.config_dict.placeholder(int)
     c.data.patch_size = (256, 256)
     c.data.batch_labeled = 4  # Global batch sizes (over all devices and hosts).
     c.data.batch_unlabeled = 4
     c.data.num_workers = 2  # Grain worker processes per host (0: read in the main process).
-    c.data.phantom = ml_collections.ConfigDict()
-    c.data.phantom.splits = (20, 4, 6)  # Patients in train, val, test (2 frames each).
-    c.data.phantom.image_size = 64
-    c.data.phantom.slices = (6, 10)  # Min and max short-axis slices per volume.
-    c.data.phantom.seed = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
-    c.model.in_channels = 1
-    c.model.features = (16, 32, 64, 128, 256)
-    c.model.dropout_rates = (0.05, 0.1, 0.2, 0.3, 0.5)
     c.model.rep_dim = 496  # Sum of the UNet decoder widths, as the reference head.
     c.model.dtype = "float32"  # Compute dtype: 'bfloat16' on GPU/TPU; params and optimizer stay float32.
+    # Pretrained segmenter for a fresh run (student and teacher): an .npz of '/'-joined variable
+    # paths, 'params/encoder0/...', 'batch_stats/...' (models.save_variables_npz writes one).
+    c.model.init_from = ""
+    # Each architecture's own settings live under model.<name> (arco_jax/models: plug-ins).
+    c.model.unet = ml_collections.ConfigDict()
+    c.model.unet.features = (16, 32, 64, 128, 256)
+    c.model.unet.dropout_rates = (0.05, 0.1, 0.2, 0.3, 0.5)
 
     # What runs: 'supervised', 'mean_teacher', 'arco_ns', 'arco_sg', 'arco_sag' or 'custom'
     # (arco_jax/methods.py); validate checks the loss weights and sampler against it.
@@ -118,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.nesterov = True
     c.optim.weight_decay = 1e-4
     c.optim.poly_power = 0.9
+    # Per-group learning-rate multipliers, 'REGEX=MULTIPLIER' strings matched against whole parameter
+    # paths ('segmenter/encoder0/...', 'head/...', 'projector/...'), first match wins, unmatched 1.0:
+    # e.g. ('segmenter/encoder.*=0.1',). Stage 1 (pretrain) uses one rate.
+    c.optim.lr_multipliers = ()
 
     # Stage 1, relational pretraining (ISD / MONA style), run before stage 2 in the same job:
     # global steps [0, pretrain.steps) are stage 1, [pretrain.steps, + train.steps) stage 2.
@@ -147,6 +149,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
 
     c.eval = ml_collections.ConfigDict()
+    # Evaluator (arco_jax/evaluators): 'auto' takes the dataset's kind ('volume_slices' for
+    # volumes, 'miou' for images). Checkpoints are selected on val by select_metric ('auto':
+    # the evaluator's own, Dice or mIoU).
+    c.eval.type = "auto"
+    c.eval.select_metric = "auto"
+    c.eval.pad_multiple = 16  # 'miou': images are padded to a multiple of the network's stride.
     c.eval.empty_policy = "ssl4mis"
     c.eval.slice_batch_size = 16
     c.eval.model = "student"  # Which network is evaluated: 'student' or 'teacher'.
@@ -170,33 +178,16 @@ def _positive(value, field: str) -> None:
 def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raise ConfigError on the first setting that cannot work; cheap, no data is read."""
     d, a = c.data, c.arco
-    _choice(d.dataset, "data.dataset", DATASETS)
-    _choice(d.source, "data.source", DATA_SOURCES)
-    if d.source == "tfds" and d.dataset != "acdc":
-        _fail("data.source", f"'tfds' is built for ACDC only; the {d.dataset!r} dataset is read as 'h5'")
-    if d.dataset == "acdc":
-        if not d.data_dir:
-            _fail("data.data_dir", "is required for dataset 'acdc' (the folder with train_slices.list, or the "
-                  "TFDS folder with source 'tfds')")
-        if str(d.data_dir).startswith(("gs://", "s3://")):
-            _fail("data.data_dir", f"{d.data_dir!r} is in a bucket; the readers (h5py, ArrayRecord) need a local "
-                  "folder: copy the data to the machine's disk first (launch/tpu_vm.sh does), and keep the "
-                  "workdir in the bucket")
-        if not os.path.isdir(d.data_dir):
-            _fail("data.data_dir", f"{d.data_dir!r} is not a directory")
-        if d.labeled_patients not in (1, 3, 7):
-            _fail("data.labeled_patients", f"ACDC settings are 1, 3 or 7 patients, got {d.labeled_patients!r}")
-    elif not (isinstance(d.labeled_patients, int) and d.labeled_patients >= 1):
-        _fail("data.labeled_patients", f"must be an integer >= 1, got {d.labeled_patients!r}")
-    _choice(d.one_patient_split, "data.one_patient_split", ONE_PATIENT_SPLITS)
-    if d.num_classes < 2:
-        _fail("data.num_classes", f"needs at least 2 classes, got {d.num_classes}")
-    if len(d.class_names) != d.num_classes - 1:
-        _fail("data.class_names", f"names the {d.num_classes - 1} foreground classes, got {len(d.class_names)}")
-    if len(d.patch_size) != 2 or min(d.patch_size) < 16 or any(s % 16 for s in d.patch_size):
-        _fail("data.patch_size", f"must be two multiples of 16 (four 2x poolings), got {tuple(d.patch_size)}")
-    if d.patch_size[0] != d.patch_size[1]:
-        _fail("data.patch_size", f"must be square (rot90 augmentation), got {tuple(d.patch_size)}")
+    if not d.dataset:
+        _fail("data.dataset", f"no dataset chosen; known: {', '.join(registry.names())} (a config file picks one "
+              "with arco_jax.data.registry.select(config, name))")
+    registry.get(d.dataset)
+    registry.validate(c)
+    registry.resolve(c)
+    rank = d.spatial_rank
+    if len(d.patch_size) != rank or min(d.patch_size) < 16 or any(s % 16 for s in d.patch_size):
+        _fail("data.patch_size", f"must be {rank} multiples of 16 (four 2x poolings) for this {rank}-D dataset, "
+              f"got {tuple(d.patch_size)}")
     for field in ("batch_labeled", "batch_unlabeled"):
         value = d[field]
         _positive(value, f"data.{field}")
@@ -205,12 +196,21 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     if d.batch_unlabeled < 2:
         _fail("data.batch_unlabeled", "CutMix pairs each unlabeled image with the next one: needs >= 2")
 
+    from arco_jax import models  # pylint: disable=import-outside-toplevel  (flax: only when validating)
+
+    for field, problem in models.check(c.model):
+        _fail(f"model.{field}", problem)
+    if not isinstance(c.model.init_from, str):
+        _fail("model.init_from", f"must be a path to an .npz file or '', got {c.model.init_from!r}")
     _choice(c.model.dtype, "model.dtype", COMPUTE_DTYPES)
     _choice(a.sampler, "arco.sampler", SAMPLERS)
     _choice(a.strata, "arco.strata", STRATA_LAYOUTS)
-    root = math.isqrt(a.num_strata) if a.num_strata > 0 else 0
-    if a.num_strata < 1 or root * root != a.num_strata:
-        _fail("arco.num_strata", f"strata form a square grid (9, 16, 25, ...), got {a.num_strata}")
+    from arco_jax import sampling  # pylint: disable=import-outside-toplevel  (jax: only when validating)
+
+    try:
+        sampling.check_num_strata(a.num_strata, a.strata, d.spatial_rank)
+    except ValueError as error:
+        _fail("arco.num_strata", str(error))
     for field in ("num_anchors", "num_negatives", "bank_size", "bank_size_background", "bank_enqueue",
                   "temperature", "nn_pool_size", "nn_topk", "nn_grid"):
         _positive(a[field], f"arco.{field}")
@@ -250,12 +250,19 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
         _fail(field, problem)
 
     _positive(c.optim.learning_rate, "optim.learning_rate")
+    if not isinstance(c.optim.lr_multipliers, (tuple, list)):
+        _fail("optim.lr_multipliers", f"must be a tuple of 'REGEX=MULTIPLIER' strings, got {c.optim.lr_multipliers!r}")
+    try:
+        parse_lr_multipliers(c.optim.lr_multipliers)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     for field in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         value = c.train[field]
         if not (isinstance(value, int) and value > 0):
             _fail(f"train.{field}", f"must be a positive integer, got {value!r}")
     _validate_pretrain(c)
     _choice(c.eval.model, "eval.model", ("student", "teacher"))
+    evaluators.validate(c)
     _choice(c.eval.empty_policy, "eval.empty_policy", tuple(EMPTY_POLICIES))
 
 
@@ -282,3 +289,65 @@ def _validate_pretrain(c: ml_collections.ConfigDict) -> None:
     if p.window_grid % 2 or p.window % p.window_grid:
         _fail("pretrain.window_grid", f"must be even and divide pretrain.window ({p.window}) so windows at a "
               f"stride of half a window start on whole cells, got {p.window_grid}")
+
+
+def parse_lr_multipliers(entries) -> list[tuple[re.Pattern, float]]:
+    """config.optim.lr_multipliers, a tuple of 'REGEX=MULTIPLIER' strings, as (pattern, multiplier)
+    pairs; ValueError names the entry that does not parse."""
+    groups = []
+    for entry in entries:
+        pattern, sep, value = str(entry).rpartition("=")
+        try:
+            multiplier = float(value)
+            if not sep or multiplier < 0:
+                raise ValueError
+            groups.append((re.compile(pattern), multiplier))
+        except (ValueError, re.error) as error:
+            raise ValueError(f"config.optim.lr_multipliers: {entry!r} is not 'REGEX=MULTIPLIER' with a valid "
+                             f"regular expression and a multiplier >= 0 ({error or 'bad multiplier'})") from None
+    return groups
+
+
+def upgrade_record(record: dict) -> dict:
+    """A stored config.json of an earlier layout in today's layout, so old workdirs resume and
+    evaluate: the input channels moved from model.in_channels to the dataset's metadata
+    (data.in_channels); the ignore label, spatial rank and evaluator fields were added (every
+    earlier run was 2-D with no ignore label, evaluated per volume by Dice); the UNet's features and
+    dropout_rates moved from model.* to model.unet.* (each model's settings under its name)."""
+    record = json.loads(json.dumps(record))
+    data, model = record.setdefault("data", {}), record.setdefault("model", {})
+    if "in_channels" in model:
+        data.setdefault("in_channels", model.pop("in_channels"))
+    for field in ("features", "dropout_rates"):
+        if field in model:
+            model.setdefault("unet", {}).setdefault(field, model.pop(field))
+    data.setdefault("ignore_label", None)
+    data.setdefault("spatial_rank", 2)
+    evaluation = record.setdefault("eval", {})
+    for field, value in (("type", "auto"), ("select_metric", "auto"), ("pad_multiple", 16)):
+        evaluation.setdefault(field, value)
+    return record
+
+
+def _overlay(node: ml_collections.ConfigDict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and key in node and isinstance(node[key], ml_collections.ConfigDict):
+            _overlay(node[key], value)
+        else:
+            node[key] = tuple(value) if isinstance(value, list) else value
+
+
+def from_record(record: dict) -> ml_collections.ConfigDict:
+    """The config a stored config.json describes: upgraded (upgrade_record), on top of today's
+    defaults for its dataset, so a field added since the run was started has its default."""
+    record = upgrade_record(record)
+    config = base_config()
+    dataset = record.get("data", {}).get("dataset")
+    if dataset:
+        try:
+            registry.select(config, dataset)
+        except ConfigError:  # A dataset this installation does not know: the record alone.
+            pass
+    with config.unlocked():
+        _overlay(config, record)
+    return ml_collections.ConfigDict(config.to_dict())

@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 from etils import epath
 
-from arco_jax import evaluation, files, inference, train
-from arco_jax.data import datasets, ssl4mis
+from arco_jax import evaluation, files, inference
+from arco_jax.data import datasets, registry, ssl4mis
 
 SPLITS = ("val", "test")
 SPACING_KEY = datasets.SPACING_KEY
@@ -54,17 +53,16 @@ read_spacing = datasets.read_h5_spacing
 
 
 def open_eval_data(config: ml_collections.ConfigDict, workdir: epath.Path,
-                   data_dir: str | Path | None) -> datasets.SegmentationData:
-    """The run's dataset (config.json; the phantom is rebuilt if not cached), or a folder of
-    the same kind (config.data.source: SSL4MIS h5 or TFDS) at --data_dir."""
-    d = config.data
-    if not data_dir and d.dataset == "phantom":
-        return datasets.open_data(config)
-    root = Path(data_dir or d.data_dir)
-    if not root.is_dir():
+                   data_dir: str | Path | None) -> registry.OpenDataset:
+    """The run's dataset (config.json; a generated one is rebuilt if not cached), or a folder
+    of the same kind at --data_dir."""
+    if data_dir:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.data.data_dir = str(data_dir)
+    if config.data.data_dir and not Path(config.data.data_dir).is_dir():
         origin = "--data_dir" if data_dir else f"data.data_dir in {workdir / inference.CONFIG_FILE}"
-        raise ssl4mis.DataError(f"data root {root} ({origin}) is not a directory; pass --data_dir")
-    return datasets.TfdsData(root) if d.source == "tfds" else datasets.Ssl4misData(root)
+        raise ssl4mis.DataError(f"data root {config.data.data_dir} ({origin}) is not a directory; pass --data_dir")
+    return registry.open_dataset(config)
 
 
 def eval_directory(workdir: epath.PathLike, split: str, checkpoint: str | int) -> epath.Path:
@@ -133,7 +131,7 @@ def evaluate_workdir(workdir: epath.PathLike, split: str = "test", checkpoint: s
 
     num_classes, class_names = model.num_classes, model.class_names
     per_case, per_case_mm = {}, {}
-    for volume in datasets.iterate_volumes(data, split, num_classes):
+    for volume in registry.iterate_cases(data, split):
         pred = model.predict_volume(volume.image)
         per_case[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, empty_policy=policy)
         if volume.spacing is not None:

@@ -153,11 +153,18 @@ def evaluate_volume(
     spacing: float | Sequence[float] | None = None,
     *,
     empty_policy: str,
+    ignore_label: int | None = None,
 ) -> np.ndarray:
-    """Metrics per foreground class 1..num_classes-1, rows of ``METRIC_NAMES``: (C-1, 4)."""
+    """Metrics per foreground class 1..num_classes-1, rows of ``METRIC_NAMES``: (C-1, 4).
+
+    Voxels whose ground truth is ``ignore_label`` count as neither prediction nor ground
+    truth of any class (both are set to background there before anything is measured)."""
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes} needs at least one foreground class")
+    if ignore_label is not None:
+        ignored = gt_labels == ignore_label
+        pred_labels, gt_labels = np.where(ignored, 0, pred_labels), np.where(ignored, 0, gt_labels)
     for name, labels in (("pred_labels", pred_labels), ("gt_labels", gt_labels)):
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(

@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from arco_jax import evaluation, files
-from arco_jax.state import TrainState, build_networks, build_optimizer, create_train_state
+from arco_jax.config import from_record
+from arco_jax.state import TrainState, build_networks, build_optimizer, create_train_state, eval_variables
 
 CHECKPOINT_KINDS = ("best", "last")
 CONFIG_FILE = "config.json"
@@ -73,16 +74,21 @@ def _check_workdir(workdir: epath.Path) -> None:
 
 
 def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
-    """The run's config, as train_and_evaluate wrote it to <workdir>/config.json."""
+    """The run's config, as train_and_evaluate wrote it to <workdir>/config.json (a record of an
+    earlier layout is upgraded, and fields added since take their defaults)."""
     workdir = files.workdir_path(workdir)
     _check_workdir(workdir)
     path = workdir / CONFIG_FILE
     if not path.is_file():
         raise WorkdirError(f"{path} is missing: not a workdir written by arco_jax training")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise WorkdirError(f"{path} is not valid JSON ({err})") from err
+    try:
+        return from_record(record)
+    except ValueError as err:
+        raise WorkdirError(f"{path}: {err}") from err
 
 
 def checkpoint_manager(directory: epath.PathLike) -> ocp.CheckpointManager:
@@ -145,11 +151,10 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
 
 def segmenter_variables(state: TrainState, model: str) -> dict:
     """The Flax variables of the student's or the EMA teacher's segmenter."""
-    if model == "teacher":
-        return {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}
-    if model == "student":
-        return {"params": state.params["segmenter"], "batch_stats": state.batch_stats}
-    raise WorkdirError(f"config eval.model={model!r} is not 'student' or 'teacher'")
+    try:
+        return eval_variables(state, model)
+    except ValueError as err:
+        raise WorkdirError(str(err)) from err
 
 
 def load_model(workdir: epath.PathLike, checkpoint: str | int = "best") -> TrainedModel:

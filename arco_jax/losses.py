@@ -17,12 +17,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """SSL4MIS Dice loss: 1 - Dice per class over the whole batch, squared denominators,
-    background included, averaged over classes."""
+    background included, averaged over classes; pixels where `valid` is False count nowhere."""
     num_classes = logits.shape[-1]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     onehot = jax.nn.one_hot(labels, num_classes, dtype=probs.dtype)
+    if valid is not None:
+        probs = probs * valid[..., None]
+        onehot = onehot * valid[..., None]
     axes = tuple(range(probs.ndim - 1))
     intersect = jnp.sum(probs * onehot, axis=axes)
     denominator = jnp.sum(probs * probs, axis=axes) + jnp.sum(onehot * onehot, axis=axes)
@@ -30,10 +33,17 @@ def dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(1.0 - dice)
 
 
-def supervised_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict]:
-    """CE + Dice on labeled images (equal weights, as the reference)."""
-    ce = jnp.mean(cross_entropy(logits, labels))
-    dice = dice_loss(logits, labels)
+def supervised_loss(logits: jax.Array, labels: jax.Array, ignore_label: int | None = None) -> tuple[jax.Array, dict]:
+    """CE + Dice on labeled images (equal weights, as the reference). Pixels labeled
+    `ignore_label` are left out of both (CE is the mean over the other pixels)."""
+    if ignore_label is None:
+        ce = jnp.mean(cross_entropy(logits, labels))
+        dice = dice_loss(logits, labels)
+    else:
+        valid = labels != ignore_label
+        safe = jnp.where(valid, labels, 0)
+        ce = jnp.sum(jnp.where(valid, cross_entropy(logits, safe), 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+        dice = dice_loss(logits, safe, valid.astype(jnp.float32))
     return ce + dice, {"sup_ce": ce, "sup_dice": dice}
 
 

@@ -97,9 +97,15 @@ def apply_variant(config: ml_collections.ConfigDict, name: str) -> ml_collection
     if name not in VARIANT_NAMES:
         raise ValueError(f"variant {name!r} is not one of {', '.join(map(repr, VARIANT_NAMES))}")
     for field, value in VARIANTS.get(name, {}).items():
-        set_field(config, field, value)
+        if _applies(config, field):
+            set_field(config, field, value)
     config.arco.variant = name
     return config
+
+
+def _applies(config: ml_collections.ConfigDict, field: str) -> bool:
+    """A variant's data switch (data.one_patient_split) concerns the datasets that have it."""
+    return not field.startswith("data.") or field.split(".", 1)[1] in config.data
 
 
 def apply_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -118,7 +124,8 @@ def variant_conflicts(config: ml_collections.ConfigDict) -> list[tuple[str, str]
     return [(field, f"{get_field(config, field)!r} contradicts arco.variant {name!r}, which sets {value!r}; "
                     f"apply the whole preset (--config=configs/<file>.py:variant={name}) or set "
                     f"arco.variant='custom' to mix switches")
-            for field, value in VARIANTS.get(name, {}).items() if get_field(config, field) != value]
+            for field, value in VARIANTS.get(name, {}).items()
+            if _applies(config, field) and get_field(config, field) != value]
 
 
 def method_conflicts(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:

@@ -129,8 +129,8 @@ class Forward:
         return self.nets.projector.apply({"params": self.params["projector"]}, reps)
 
 
-def _pixels(flat_index: jax.Array, shape: tuple[int, int, int]):
-    """Flat indices into a (B, H, W) grid -> (b, y, x)."""
+def _pixels(flat_index: jax.Array, shape: tuple[int, ...]):
+    """Flat indices into a (B, *spatial) grid -> (b, y, x), or (b, z, y, x) for volumes."""
     return jnp.unravel_index(flat_index, shape)
 
 
@@ -281,7 +281,7 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
     # Anchors: student representations at reliable pixels the teacher also believes in.
     sample = jax.vmap(lambda k, m: sampling.sample(
         k, m, a.num_anchors, method=a.sampler, num_strata=a.num_strata, layout=a.strata,
-        spatial_shape=grid if a.strata == "spatial" else None))
+        spatial_shape=grid if a.strata == "spatial" else None, spatial_rank=len(grid) - 1))
     anchor_index, has_anchors = sample(jax.random.split(anchor_key, num_classes),
                                        anchor_mask.reshape(num_classes, -1))
     anchors = fwd.project(fwd.head("student", "fine_at_pixels", *student,
@@ -343,6 +343,22 @@ def pooled_embedding(fwd: Forward, which: str, inputs: HeadInputs, grid_size: in
     return losses.l2_normalize(reps.reshape(batch, -1))
 
 
+def strong_view(fwd: Forward, image_u: jax.Array, teacher_key: jax.Array, strong_key: jax.Array):
+    """Pseudo-labels (argmax) and confidences (max prob) of the teacher on the weak view, then
+    the strong view of the same images with them (augment.strong_augment); the labels follow
+    the warp unless arco.warp_pseudo_labels is off. Returns (image_s, pseudo, confidence)."""
+    weak_logits, _ = fwd.teacher_net(image_u, teacher_key)
+    weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
+    return augment.strong_augment(strong_key, image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32),
+                                  jnp.max(weak_probs, -1), warp_labels=fwd.config.arco.warp_pseudo_labels)
+
+
+def equivariance_mask(labels: jax.Array, confidences: jax.Array, num_classes: int, threshold: float) -> jax.Array:
+    """Where the equivariance term compares predictions: confident foreground pixels (an
+    ignore label, being no class, is never foreground)."""
+    return (labels > 0) & (labels < num_classes) & (confidences >= threshold)
+
+
 def consistency_weight(config: ml_collections.ConfigDict, progress: jax.Array) -> jax.Array:
     """loss_weights.consistency ramped up as SSL4MIS's Mean Teacher: 0 before the delay, then
     w sigmoid_rampup(t/T, rampup) (SSL4MIS steps the ramp every 150 iterations; here it is
@@ -378,13 +394,7 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     arco_unlabeled = any(w[name] > 0 for name in ARCO_UNLABELED_TERMS)
 
     if arco_unlabeled:
-        # Pseudo-labels from the teacher on the weak view, then the strong view of the same images.
-        weak_logits, _ = fwd.teacher_net(batch.image_u, keys["teacher_weak"])
-        weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
-        mixed, pseudo, confidence = augment.cutmix(
-            keys["strong"], batch.image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32), jnp.max(weak_probs, -1))
-        image_s, pseudo, confidence = augment.photometric_and_warp(
-            jax.random.fold_in(keys["strong"], 1), mixed, pseudo, confidence, warp_labels=a.warp_pseudo_labels)
+        image_s, pseudo, confidence = strong_view(fwd, batch.image_u, keys["teacher_weak"], keys["strong"])
 
     # Every student input is built before the first student pass, so the passes can run as one
     # rematerialised loop (arco.remat_student). Mean Teacher alone runs the student once over
@@ -409,7 +419,8 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         jitter_key, blur_key = jax.random.split(keys["eqv_view"])
         view_u = augment.gaussian_blur(blur_key, augment.intensity_jitter(jitter_key, image_s))
         view = jnp.concatenate([batch.image_l, view_u])
-        matrices = augment.random_similarity(keys["eqv_warp"], view.shape[0], scale_range=tuple(a.eqv_scale))
+        matrices = augment.random_similarity(keys["eqv_warp"], view.shape[0], scale_range=tuple(a.eqv_scale),
+                                             spatial_rank=view.ndim - 2)
         passes["eqv"] = (augment.warp_affine(view, matrices, order=1), keys["eqv_student"])
     out = fwd.student_passes(passes)
 
@@ -420,7 +431,7 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     zero = jnp.zeros((), jnp.float32)
     terms = dict.fromkeys(LOSS_TERMS, zero)
     weights = {name: w[name] for name in LOSS_TERMS}
-    terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l)
+    terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l, config.data.ignore_label)
     metrics = dict(sup_parts)
     if w.consistency > 0:
         if not joint:
@@ -462,7 +473,7 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     if w.eqv > 0:
         warped_logits, _ = out["eqv"]
         target = augment.warp_affine(jax.lax.stop_gradient(jnp.concatenate([logits_l, logits_u])), matrices, order=1)
-        mask = (labels != 0) & (confidences >= a.eqv_confidence_threshold)
+        mask = equivariance_mask(labels, confidences, config.data.num_classes, a.eqv_confidence_threshold)
         warped_mask = augment.warp_affine(mask[..., None].astype(jnp.float32), matrices, order=1)[..., 0]
         terms["eqv"] = losses.equivariance_loss(warped_logits, target, warped_mask)
 

@@ -93,17 +93,19 @@ def build_relational_networks(config: ml_collections.ConfigDict) -> RelationalNe
 def build_pretrain_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Stage 1's SGD (momentum, L2 weight decay in the gradient), poly decay over its steps."""
     p = config.pretrain
-    schedule = optax.polynomial_schedule(init_value=p.learning_rate, end_value=0.0, power=p.poly_power,
-                                         transition_steps=max(p.steps, 1))
     return optax.chain(optax.add_decayed_weights(p.weight_decay),
-                       optax.sgd(schedule, momentum=p.momentum, nesterov=p.nesterov))
+                       optax.sgd(pretrain_schedule(config), momentum=p.momentum, nesterov=p.nesterov))
+
+
+def pretrain_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    p = config.pretrain
+    return optax.polynomial_schedule(init_value=p.learning_rate, end_value=0.0, power=p.poly_power,
+                                     transition_steps=max(p.steps, 1))
 
 
 def pretrain_learning_rate(config: ml_collections.ConfigDict, step) -> jax.Array:
-    """The stage-1 learning rate of the update from global step `step`."""
-    p = config.pretrain
-    frac = jnp.clip(step / max(p.steps, 1), 0.0, 1.0)
-    return p.learning_rate * (1.0 - frac) ** p.poly_power
+    """The stage-1 learning rate of the update from global step `step` (the schedule's own value)."""
+    return pretrain_schedule(config)(step)
 
 
 def local_embedding_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -184,7 +186,7 @@ def relational_loss(trainable: dict, state: "TrainState", batch: "Batch", key: j
         t_logits, t_features = nets.segmenter.apply(teacher_variables, teacher_view, train=False)
     t_logits, t_bottleneck = jax.lax.stop_gradient((t_logits, t_features[0]))
 
-    sup, sup_parts = losses.supervised_loss(logits[:batch.image_l.shape[0]], batch.label_l)
+    sup, sup_parts = losses.supervised_loss(logits[:batch.image_l.shape[0]], batch.label_l, config.data.ignore_label)
 
     heads = trainable["heads"]
     pool = lambda x: jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # noqa: E731

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import flax.struct
@@ -11,7 +12,7 @@ import ml_collections
 import optax
 
 from arco_jax import memory, models, pretrain
-from arco_jax.config import LOSS_TERMS
+from arco_jax.config import LOSS_TERMS, parse_lr_multipliers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,34 +55,106 @@ class TrainState:
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
     """Modules computing in config.model.dtype; their parameters are always float32."""
-    model_config = ml_collections.ConfigDict(config.model.to_dict())
-    model_config.num_classes = config.data.num_classes
+    sizes = {"num_classes": config.data.num_classes, "in_channels": config.data.in_channels}
     dtype = jnp.dtype(config.model.dtype)
     return Networks(
-        segmenter=models.build_segmenter(model_config, dtype),
-        head=models.build_head(model_config, dtype),
-        projector=models.build_projector(model_config, dtype),
+        segmenter=models.build_segmenter(config.model, **sizes, dtype=dtype),
+        head=models.build_head(config.model, **sizes, dtype=dtype),
+        projector=models.build_projector(config.model, dtype),
         relational=pretrain.build_relational_networks(config),
     )
 
 
+def eval_variables(state: TrainState, model: str) -> dict:
+    """The Flax variables of the student's or the EMA teacher's segmenter (config.eval.model)."""
+    if model == "teacher":
+        return {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}
+    if model == "student":
+        return {"params": state.params["segmenter"], "batch_stats": state.batch_stats}
+    raise ValueError(f"config.eval.model: {model!r} is not 'student' or 'teacher'")
+
+
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """SGD with Nesterov momentum, L2 weight decay added to the gradient (as torch.optim.SGD),
-    poly learning-rate decay lr0 (1 - t/T)^power."""
+    poly learning-rate decay lr0 (1 - t/T)^power. config.optim.lr_multipliers scales the update (so
+    the rate) of the parameter groups it names: optax.multi_transform, one such chain per group."""
     o = config.optim
-    schedule = optax.polynomial_schedule(
-        init_value=o.learning_rate, end_value=0.0, power=o.poly_power, transition_steps=config.train.steps)
-    return optax.chain(
-        optax.add_decayed_weights(o.weight_decay),
-        optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov),
-    )
+    schedule = stage2_schedule(config)
+
+    def sgd(multiplier: float = 1.0) -> optax.GradientTransformation:
+        chain = [optax.add_decayed_weights(o.weight_decay), optax.sgd(schedule, momentum=o.momentum,
+                                                                      nesterov=o.nesterov)]
+        return optax.chain(*chain, optax.scale(multiplier)) if multiplier != 1.0 else optax.chain(*chain)
+
+    groups = parse_lr_multipliers(o.get("lr_multipliers", ()))
+    if not groups:  # Exactly the plain chain: the opt_state of existing checkpoints keeps its structure.
+        return sgd()
+    transforms = {"default": sgd(), **{f"group{i}": sgd(m) for i, (_, m) in enumerate(groups)}}
+    return optax.multi_transform(transforms, functools.partial(_lr_group_labels, groups))
+
+
+def param_path(path) -> str:
+    """'segmenter/encoder0/conv1/kernel': the '/'-joined keys of a leaf of TrainState.params."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _lr_group_labels(groups, params) -> dict:
+    """Each leaf's group: the first pattern that fully matches its path, else 'default'. A pattern
+    matching no leaf at all is a typo that would silently train at the base rate: refused."""
+    used = set()
+
+    def label(path, _):
+        name = param_path(path)
+        for i, (pattern, _m) in enumerate(groups):
+            if pattern.fullmatch(name):
+                used.add(i)
+                return f"group{i}"
+        return "default"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [groups[i][0].pattern for i in range(len(groups)) if i not in used]
+    if unused:
+        example = param_path(jax.tree_util.tree_flatten_with_path(params)[0][0][0])
+        raise ValueError(f"config.optim.lr_multipliers: {unused} match no parameter (paths look like {example!r}, "
+                         "matched whole; an earlier pattern may take all its leaves)")
+    return labels
+
+
+def state_with_pretrained(state: TrainState, path: str) -> tuple[TrainState, int]:
+    """A fresh state whose student segmenter (params and batch_stats) comes from the .npz at `path`
+    (config.model.init_from), and whose teacher is an exact copy of it, as at init. Returns the
+    number of leaves loaded; the optimizer state stays fresh (its momentum is zero). Loaded leaves are
+    host arrays: place the state on the mesh afterwards (parallel.replicate)."""
+    student, count = models.load_pretrained(
+        {"params": state.params["segmenter"], "batch_stats": state.batch_stats}, path)
+    # Loaded into the teacher's own arrays too: equal values, no shared buffers (the step donates).
+    teacher, _ = models.load_pretrained(
+        {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}, path)
+    return state.replace(
+        params={**state.params, "segmenter": student["params"]},
+        batch_stats=student.get("batch_stats", {}),
+        teacher={"params": {**state.teacher["params"], "segmenter": teacher["params"]},
+                 "batch_stats": teacher.get("batch_stats", {})},
+    ), count
+
+
+def stage2_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Stage 2's poly learning rate lr0 (1 - t/T)^power over its own step count t."""
+    o = config.optim
+    return optax.polynomial_schedule(init_value=o.learning_rate, end_value=0.0, power=o.poly_power,
+                                     transition_steps=config.train.steps)
 
 
 def learning_rate(config: ml_collections.ConfigDict, step) -> jax.Array:
-    """Stage 2's learning rate at its own step count (global step - pretrain.steps)."""
-    o = config.optim
-    frac = jnp.clip(step / config.train.steps, 0.0, 1.0)
-    return o.learning_rate * (1.0 - frac) ** o.poly_power
+    """The rate the optimizer applies at stage-2 step `step` (global step - pretrain.steps): the
+    schedule's own value, not a recomputation."""
+    return stage2_schedule(config)(step)
+
+
+def stage2_progress(config: ml_collections.ConfigDict, global_step) -> jax.Array:
+    """t/T of stage 2 at a global step (stage 1's steps come first): what the reliability
+    threshold alpha_t and the Mean Teacher ramp read."""
+    return (global_step - config.pretrain.steps).astype(jnp.float32) / config.train.steps
 
 
 def bank_capacities(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -96,9 +169,8 @@ def nn_embedding_dim(config: ml_collections.ConfigDict) -> int:
 def create_train_state(config: ml_collections.ConfigDict, nets: Networks,
                        tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
     """Initialise the student; the teacher starts as an exact copy (segmenter and head)."""
-    h, w = config.data.patch_size
     init_key, dropout_key, pool_key, state_key = jax.random.split(key, 4)
-    dummy = jnp.zeros((1, h, w, config.model.in_channels), jnp.float32)
+    dummy = jnp.zeros((1, *config.data.patch_size, config.data.in_channels), jnp.float32)
     variables = nets.segmenter.init({"params": init_key, "dropout": dropout_key}, dummy, train=False)
     logits, features = nets.segmenter.apply(variables, dummy, train=False)
     head_params = nets.head.init(jax.random.fold_in(init_key, 1), features)["params"]

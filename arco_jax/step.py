@@ -15,7 +15,7 @@ import optax
 
 from arco_jax import memory, pretrain
 from arco_jax.objective import Batch, arco_loss
-from arco_jax.state import LOSS_TERM_NAMES, Networks, TrainState, learning_rate
+from arco_jax.state import LOSS_TERM_NAMES, Networks, TrainState, learning_rate, stage2_progress
 
 
 def _ema(new, old, decay: float):
@@ -48,7 +48,7 @@ def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
         stage_step = state.step - start
-        progress = stage_step.astype(jnp.float32) / config.train.steps
+        progress = stage2_progress(config, state.step)
         grad_fn = jax.value_and_grad(arco_loss, has_aux=True)
         (loss, (terms, batch_stats, bank_push, pool_rows, metrics)), grads = grad_fn(
             state.params, state, batch, key, progress, config, nets)

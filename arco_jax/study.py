@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Sequence

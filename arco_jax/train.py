@@ -10,7 +10,6 @@ was never interrupted (same device count and backend).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -27,16 +26,15 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from arco_jax import evaluation, files, parallel, pretrain
+from arco_jax import evaluators, files, parallel, pretrain
 from arco_jax.checkpointing import Checkpoints, committed_steps
-from arco_jax.config import ConfigError, validate
-from arco_jax.data import datasets, pipeline
+from arco_jax.config import ConfigError, from_record, validate
+from arco_jax.data import pipeline, registry
 from arco_jax.objective import Batch
 from arco_jax.state import (LOSS_TERM_NAMES, STAGE_TERMS, Networks, TrainState, build_networks, build_optimizer,
-                            create_train_state)
+                            create_train_state, eval_variables, state_with_pretrained)
 from arco_jax.step import make_pretrain_step, make_train_step
 
-DISTANCE_UNITS = "voxels"
 # Fields a resumed run may change without --allow_config_change: they decide when things are
 # logged, evaluated or kept, never what the training computes.
 RESUME_SAFE_FIELDS = frozenset({"train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -125,7 +123,7 @@ def check_workdir_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     if not (has_run and stored_path.exists()):
         return False
     try:
-        stored = json.loads(stored_path.read_text())
+        stored = config_record(from_record(json.loads(stored_path.read_text())))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{stored_path} is not valid JSON ({error}); it records the config of the run "
                           "in this workdir: restore it, or use another --workdir") from error
@@ -148,61 +146,29 @@ def check_workdir_config(workdir: epath.Path, config: ml_collections.ConfigDict,
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(config: ml_collections.ConfigDict) -> datasets.SegmentationData:
-    """The dataset config.data names (the phantom is built on first use)."""
-    return datasets.open_data(config)
-
-
-def labeled_slices(config: ml_collections.ConfigDict, data: datasets.SegmentationData) -> int:
-    d = config.data
-    return data.labeled_slice_count(d.dataset, d.labeled_patients, d.one_patient_split)
-
-
-def make_streams(config: ml_collections.ConfigDict, data: datasets.SegmentationData,
-                 num_labeled: int) -> pipeline.TrainStreams:
+def make_streams(config: ml_collections.ConfigDict, data: registry.OpenDataset) -> pipeline.TrainStreams:
+    """The labeled and unlabeled training streams of an opened dataset."""
     d = config.data
     return pipeline.make_source_streams(
-        *data.train_sources(num_labeled, d.num_classes), labeled_batch_size=d.batch_labeled,
-        unlabeled_batch_size=d.batch_unlabeled, patch_size=tuple(d.patch_size), seed=config.seed,
-        worker_count=d.num_workers)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSplit:
-    """The cases of a split (list order) and the volumes of this process's share of them
-    (cases p, p + n, ...), so several hosts evaluate a split together."""
-
-    name: str
-    cases: tuple[str, ...]
-    volumes: tuple[tuple[str, np.ndarray, np.ndarray], ...]
-
-
-def load_split(data: datasets.SegmentationData, split: str, num_classes: int) -> EvalSplit:
-    cases = tuple(data.cases(split))
-    mine = range(jax.process_index(), len(cases), jax.process_count())
-    return EvalSplit(split, cases, tuple((v.case, v.image, v.label)
-                                         for v in datasets.iterate_volumes(data, split, num_classes, mine)))
+        *data.train_sources(), labeled_batch_size=d.batch_labeled, unlabeled_batch_size=d.batch_unlabeled,
+        patch_size=tuple(d.patch_size), seed=config.seed, worker_count=d.num_workers,
+        fill_label=0 if d.ignore_label is None else d.ignore_label)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-class Evaluator:
-    """The SSL4MIS volume protocol on an EvalSplit. Each process evaluates its own volumes on
-    its own devices (slice batches split over them, the model copied locally: no traffic
-    between hosts), then the per-case metrics are gathered so every process holds them all."""
+class Predictors:
+    """Prediction functions of a state for the evaluators. Each process predicts its own cases
+    on its own devices (batches split over them, the model copied locally: no traffic between
+    hosts); the evaluators gather the metrics."""
 
     def __init__(self, config: ml_collections.ConfigDict, nets: Networks):
-        self.config = config
+        self.model = config.eval.model
         self.mesh = parallel.local_mesh()
         self._logits = jax.jit(lambda variables, x: nets.segmenter.apply(variables, x, train=False)[0])
 
-    def variables(self, state: TrainState) -> dict:
-        if self.config.eval.model == "teacher":
-            return {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}
-        return {"params": state.params["segmenter"], "batch_stats": state.batch_stats}
-
-    def _predictor(self, state: TrainState):
-        variables = parallel.local_replica(self.variables(state), self.mesh)
+    def __call__(self, state: TrainState) -> evaluators.Predict:
+        variables = parallel.local_replica(eval_variables(state, self.model), self.mesh)
         sharding = parallel.batch_sharding(self.mesh)
         devices = self.mesh.size
 
@@ -212,36 +178,6 @@ class Evaluator:
             return np.asarray(self._logits(variables, jax.device_put(padded, sharding)))[:rows]
 
         return predict
-
-    def __call__(self, state: TrainState, split: EvalSplit) -> tuple[dict, dict]:
-        c = self.config
-        predict = self._predictor(state)
-        mine = {}
-        for case, image, label in split.volumes:
-            pred = evaluation.predict_volume(predict, image, tuple(c.data.patch_size),
-                                             slice_batch_size=c.eval.slice_batch_size)
-            mine[case] = evaluation.evaluate_volume(pred, label, c.data.num_classes,
-                                                    empty_policy=c.eval.empty_policy)
-        gathered = {}
-        for text in parallel.gather_text(json.dumps({k: np.asarray(v).tolist() for k, v in mine.items()})):
-            gathered.update(json.loads(text))  # JSON keeps float64 exactly (and NaN/inf)
-        per_case = {case: np.asarray(gathered[case], np.float64) for case in split.cases}
-        return evaluation.summarize(per_case, list(c.data.class_names)), per_case
-
-
-def mean_dice(summary: dict) -> float:
-    return float(summary["class_mean"][evaluation.METRIC_NAMES.index("dice")])
-
-
-def summary_json(summary: dict, per_case: dict) -> dict:
-    names = evaluation.METRIC_NAMES
-    return {
-        "num_cases": summary["num_cases"],
-        "mean": {m: float(summary["class_mean"][i]) for i, m in enumerate(names)},
-        "per_class": {cls: {m: float(summary["mean"][k, i]) for i, m in enumerate(names)}
-                      for k, cls in enumerate(summary["class_names"])},
-        "per_case": {case: np.asarray(rows).tolist() for case, rows in per_case.items()},
-    }
 
 
 # ----------------------------------------------------------------------------- logging
@@ -406,16 +342,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     parallel.on_all_processes(claim_workdir, "checking the workdir's config")
 
     # Data: every process checks its own files; a file missing on any host stops all of them.
+    # Evaluation cases are read from disk when evaluated, one at a time.
     def load_data():
-        root = prepare_data(config)
-        num_labeled = labeled_slices(config, root)
-        return root, num_labeled, make_streams(config, root, num_labeled), load_split(
-            root, "val", config.data.num_classes)
+        data = registry.open_dataset(config)
+        split_sizes = {split: len(data.cases(split)) for split in ("val", "test")}
+        return data, make_streams(config, data), split_sizes
 
-    root, num_labeled, streams, val_split = parallel.on_all_processes(load_data, "reading the data")
-    log.info("data: %s | %d labeled slices (%d patients), batches %d+%d | %d val volumes | mesh %s, %d "
-             "process(es)", root, num_labeled, config.data.labeled_patients, config.data.batch_labeled,
-             config.data.batch_unlabeled, len(val_split.cases), dict(mesh.shape), jax.process_count())
+    data, streams, split_sizes = parallel.on_all_processes(load_data, "reading the data")
+    log.info("data: %s | %s, batches %d+%d | %d val, %d test cases | mesh %s, %d process(es)", data.description,
+             data.labeled_description, config.data.batch_labeled, config.data.batch_unlabeled, split_sizes["val"],
+             split_sizes["test"], dict(mesh.shape), jax.process_count())
 
     # Model, optimizer, state (replicated over the mesh), then the newest intact checkpoint.
     nets = build_networks(config)
@@ -428,6 +364,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     restored = checkpoints.restore_last(state, streams)
     if restored is not None:
         state = restored
+    elif config.model.init_from:  # A fresh run starts its segmenter from the file (a resumed one needs no file).
+        state, loaded = state_with_pretrained(state, config.model.init_from)
+        state = parallel.replicate(mesh, state)
+        log.info("init_from %s: %d segmenter arrays loaded", config.model.init_from, loaded)
     start = int(parallel.fetch(state.step))
     if restored is not None:
         log.info("resumed from step %d", start)
@@ -437,7 +377,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                     "dropped, selection starts again", best["step"], start)
         checkpoints.forget_best()
         best = None
-    best = {"step": best["step"], "val_dice": best["val_dice"]} if best else {"step": None, "val_dice": -1.0}
+    metric, mode = evaluators.select_metric(config)
+    key = f"val_{metric}"
+    if best is not None and key not in best:
+        log.warning("the best checkpoint (step %d) was selected by another metric than %s; selection starts again",
+                    best["step"], metric)
+        best = None
+    best = {"step": best["step"], key: best[key]} if best else {"step": None, key: None}
 
     # Global steps [0, boundary) are stage 1 (relational pretraining), the rest stage 2 (ARCO).
     boundary = config.pretrain.steps
@@ -449,7 +395,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
         steppers[1] = jax.jit(make_pretrain_step(config, nets), **shardings)
         hand_over = jax.jit(pretrain.hand_over, in_shardings=replicated, out_shardings=replicated,
                             donate_argnums=0)
-    evaluate = Evaluator(config, nets)
+    evaluator = evaluators.build(config)
+    predictors = Predictors(config, nets)
     metric_log = MetricLog(workdir, total_steps, boundary)
     metric_log.keep_until(start)
 
@@ -488,18 +435,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             if last or step % t.log_every == 0:
                 metric_log.progress(step, {k: float(v) for k, v in parallel.fetch(metrics).items()}, stage)
             if last or step % t.eval_every == 0:
-                summary, _ = evaluate(state, val_split)
-                dice = mean_dice(summary)
-                metric_log.write({"split": "val", "step": step, "stage": stage, "dice": dice})
-                improved = stage == 2 and dice > best["val_dice"]
+                measured = evaluator.run(predictors(state), data, "val").metrics
+                value = measured[metric]
+                metric_log.write({"split": "val", "step": step, "stage": stage, **measured})
+                improved = stage == 2 and evaluators.better(value, best[key], mode)
                 if improved:
-                    best = {"step": step, "val_dice": dice}
-                    checkpoints.save_best(step, state, dice)
+                    best = {"step": step, key: value}
+                    checkpoints.save_best(step, state, value, metric)
                 if stage == 1:
-                    log.info("val step %d (stage 1: not a candidate for best) | mean Dice %.4f", step, dice)
+                    log.info("val step %d (stage 1: not a candidate for best) | %s %.4f", step, metric, value)
                 else:
-                    log.info("val step %d | mean Dice %.4f | best %.4f at step %s%s", step, dice,
-                             best["val_dice"], best["step"], " (new best)" if improved else "")
+                    log.info("val step %d | %s %.4f | best %s at step %s%s", step, metric, value,
+                             "--" if best[key] is None else f"{best[key]:.4f}", best["step"],
+                             " (new best)" if improved else "")
             if last or preempted or at_boundary or step % t.checkpoint_every == 0:
                 checkpoints.save_last(step, state, streams)
                 metric_log.flush()
@@ -514,28 +462,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     streams.close()
 
     # Test: the val-selected state and the last one.
-    test_split = parallel.on_all_processes(
-        lambda: load_split(root, "test", config.data.num_classes), "reading the test split")
-    results = {"dataset": config.data.dataset, "labeled_patients": config.data.labeled_patients,
-               "labeled_slices": num_labeled, "steps": step, "pretrain_steps": boundary, "sampler": config.arco.sampler,
-               "strata": config.arco.strata, "empty_policy": config.eval.empty_policy,
-               "distance_units": DISTANCE_UNITS, "best_val": best, "test": {}}
+    results = {"dataset": config.data.dataset, **data.labeled_record, "steps": step, "pretrain_steps": boundary,
+               "sampler": config.arco.sampler, "strata": config.arco.strata, "evaluator": evaluator.name,
+               **evaluator.results_fields, "best_val": best, "test": {}}
     tables = []
     candidates = [("best", checkpoints.restore_best(state)), ("last", state)]
     for name, candidate in candidates:
         if candidate is None:
             continue
-        summary, per_case = evaluate(candidate, test_split)
-        results["test"][name] = summary_json(summary, per_case)
+        result = evaluator.run(predictors(candidate), data, "test")
+        results["test"][name] = result.record
         title = f"val-selected (step {best['step']})" if name == "best" else f"last (step {step})"
-        tables.append(f"### Test, {title}\n\n"
-                      + evaluation.markdown_table(summary, config.eval.empty_policy, DISTANCE_UNITS))
-        log.info("test (%s): mean Dice %.4f", name, mean_dice(summary))
+        tables.append(f"### Test, {title}\n\n" + result.table)
+        log.info("test (%s): %s %.4f", name, metric, result.metrics[metric])
     checkpoints.close()
     if is_main:
         files.write_json(workdir / "results.json", results)
-        header = (f"# ARCO results: {config.data.dataset}, {config.data.labeled_patients} labeled patients "
-                  f"({num_labeled} slices), sampler {config.arco.sampler}/{config.arco.strata}, {step} steps\n\n")
+        header = (f"# ARCO results: {config.data.dataset}, {data.labeled_description}, sampler "
+                  f"{config.arco.sampler}/{config.arco.strata}, {step} steps\n\n")
         files.write_text(workdir / "results.md", header + "\n\n".join(tables) + "\n")
         print(header + "\n\n".join(tables))
     return results

@@ -37,11 +37,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from arco_jax import augment, files, inference, losses, memory, sampling, train
+from arco_jax import files, inference, losses, memory, sampling, train
 from arco_jax.config import validate
+from arco_jax.data import registry
 from arco_jax.objective import (Batch, Forward, HeadInputs, anchor_masks, head_inputs, per_class_contrast,
-                                 reliability_masks)
-from arco_jax.state import Networks, TrainState, build_networks
+                                 reliability_masks, strong_view)
+from arco_jax.state import Networks, TrainState, build_networks, stage2_progress
 
 TRAINABLE = ("head", "projector")  # the student parameters the contrastive term's gradient is taken for
 
@@ -121,12 +122,7 @@ def contrast_inputs(state: TrainState, batch: Batch, key: jax.Array, config: ml_
     fwd = Forward(config, nets, state.params, state.teacher, state.batch_stats)
     num_labeled = batch.image_l.shape[0]
 
-    weak_logits, _ = fwd.teacher_net(batch.image_u, keys[0])
-    weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
-    mixed, pseudo, confidence = augment.cutmix(
-        keys[1], batch.image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32), jnp.max(weak_probs, -1))
-    image_s, pseudo, _ = augment.photometric_and_warp(
-        jax.random.fold_in(keys[1], 1), mixed, pseudo, confidence, warp_labels=a.warp_pseudo_labels)
+    image_s, pseudo, _ = strong_view(fwd, batch.image_u, keys[0], keys[1])
 
     _, features_l = fwd.student(batch.image_l, keys[2])
     logits_u, features_u = fwd.student(image_s, keys[3])
@@ -136,7 +132,7 @@ def contrast_inputs(state: TrainState, batch: Batch, key: jax.Array, config: ml_
     teacher = head_inputs(fwd, "teacher", tuple(jnp.concatenate([p, q]) for p, q in zip(t_features_l, t_features_u)))
     labels = jnp.concatenate([batch.label_l, pseudo])
     teacher_probs = jax.nn.softmax(jnp.concatenate([t_logits_l, t_logits_u]).astype(jnp.float32), -1)
-    progress = state.step.astype(jnp.float32) / config.train.steps
+    progress = stage2_progress(config, state.step)
     low, _ = reliability_masks(jax.nn.softmax(logits_u.astype(jnp.float32), -1), num_labeled, progress,
                                a.entropy_percentile)
     return ContrastInputs(features, teacher, labels, teacher_probs, low, state.bank)
@@ -395,8 +391,7 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
     out = files.workdir_path(out) if out is not None else workdir / "variance"
     class_names = ["background", *config.data.class_names]
 
-    root = train.prepare_data(config)
-    streams = train.make_streams(config, root, train.labeled_slices(config, root))
+    streams = train.make_streams(config, registry.open_dataset(config))
     prepare = jax.jit(functools.partial(contrast_inputs, config=config, nets=nets))
     statistics = {e.name: make_draw_statistics(config, nets, e) for e in estimators}
     count_anchors = jax.jit(lambda inputs: jnp.sum(anchor_masks(

@@ -27,11 +27,12 @@ baselines UNet (labeled only) 40.3 / 51.7 / 79.5 and Mean Teacher 42.9 / 58.3 / 
 """
 from arco_jax import methods
 from arco_jax.config import base_config
+from arco_jax.data import registry
 
 
 def get_config(config_string: str | None = None):
     config = base_config()
-    config.data.dataset = "acdc"
+    registry.select(config, "acdc")
     config.pretrain.steps = 30000
     # The student's passes as one rematerialised loop: the 256 px stage-2 step fits in 4 GB on
     # a 2-core CPU (3.4 GiB; 5.3 without) for 17% more time (8.1 s; 6.9 without); the

@@ -15,11 +15,12 @@ baseline:
 """
 from arco_jax import methods
 from arco_jax.config import base_config
+from arco_jax.data import registry
 
 
 def get_config(config_string: str | None = None):
     config = base_config()
-    config.data.dataset = "phantom"
+    registry.select(config, "phantom")
     config.data.labeled_patients = 3
     config.data.patch_size = (64, 64)
     config.data.num_workers = 0

@@ -6,12 +6,15 @@ Nothing here imports jax or compiles anything; the whole file runs in about a se
 import importlib.util
 from pathlib import Path
 
+import re
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from arco_jax import config as config_lib
 from arco_jax.config import ConfigError, base_config, validate
+from arco_jax.data import registry
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -27,7 +30,7 @@ def load_config_file(name: str):
 def phantom_config():
     """The base settings on the built-in phantom: valid as they are (no data dir needed)."""
     c = base_config()
-    c.data.dataset = "phantom"
+    registry.select(c, "phantom")
     return c
 
 
@@ -126,18 +129,29 @@ def test_phantom_labeled_patients_must_be_positive(value):
     assert_rejected(c, "data.labeled_patients")
 
 
-def test_num_classes_needs_background_and_one_class():
+def test_num_classes_is_the_datasets_to_declare():
     c = phantom_config()
     c.data.num_classes = 1
     c.data.class_names = ()
-    assert_rejected(c, "data.num_classes")
+    assert_rejected(c, "data.num_classes", mentions=("declares 4",))
 
 
 @pytest.mark.parametrize("names", [("RV", "Myo"), ("RV", "Myo", "LV", "Aorta")])
-def test_class_names_must_name_each_foreground_class(names):
+def test_class_names_are_the_datasets_to_declare(names):
     c = phantom_config()
     c.data.class_names = names
-    assert_rejected(c, "data.class_names", mentions=(str(len(names)),))
+    assert_rejected(c, "data.class_names", mentions=("('RV', 'Myo', 'LV')",))
+
+
+@pytest.mark.parametrize("fields, problem", [
+    (dict(num_classes=1, class_names=()), "at least 2 classes"),
+    (dict(num_classes=4, class_names=("a", "b")), "names the 3 foreground classes, got 2"),
+    (dict(num_classes=3, class_names=("a", "b"), ignore_label=2), "ignore_label 2 is a class"),
+    (dict(num_classes=3, class_names=("a", "b"), spatial_rank=4), "spatial_rank must be 2 or 3"),
+])
+def test_dataset_metadata_must_be_consistent(fields, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        registry.DatasetInfo(**fields)
 
 
 @pytest.mark.parametrize("patch", [(40, 40), (8, 8), (0, 0), (64, 64, 64), (64,)])

@@ -10,7 +10,7 @@ import pytest
 
 from arco_jax import evaluate, train
 from arco_jax.config import ConfigError, base_config, validate
-from arco_jax.data import datasets, phantom, ssl4mis, tfds_acdc
+from arco_jax.data import datasets, phantom, registry, ssl4mis, tfds_acdc
 from arco_jax.data.ssl4mis import DataError
 
 TINY = phantom.PhantomConfig(splits=(3, 1, 2), image_size=32, slices=(3, 4), seed=2)
@@ -71,11 +71,22 @@ def test_a_process_share_of_a_split_is_every_nth_volume(both):
     assert share == cases[1::2]
 
 
+class FirstSlicesLabeled:
+    """An opened dataset whose labeled set is the first NUM_LABELED training slices."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def train_sources(self):
+        return self.data.train_sources(NUM_LABELED, 4)
+
+
 def test_training_batches_are_the_same_from_either_source(both):
     config = base_config()
+    registry.select(config, "acdc")
     config.data.patch_size, config.data.batch_labeled, config.data.batch_unlabeled = (32, 32), 2, 2
     config.data.num_workers = 0
-    streams = [train.make_streams(config, data, NUM_LABELED) for data in both]
+    streams = [train.make_streams(config, FirstSlicesLabeled(data)) for data in both]
     try:
         for _ in range(3):
             (l1, u1), (l2, u2) = (next(s) for s in streams)
@@ -87,22 +98,28 @@ def test_training_batches_are_the_same_from_either_source(both):
             s.close()
 
 
-def test_open_data_follows_the_config(h5_root, tfds_dir, tmp_path):
+def test_open_data_follows_the_config(h5_root, tfds_dir, tmp_path, monkeypatch):
+    # The tiny phantom's list is no ACDC list: count its first patient as the labeled set.
+    for form in (datasets.Ssl4misData, datasets.TfdsData):
+        monkeypatch.setattr(form, "labeled_slice_count", lambda self, *args: 3)
     config = base_config()
+    registry.select(config, "acdc")
     config.data.data_dir = str(h5_root)
-    assert isinstance(datasets.open_data(config), datasets.Ssl4misData)
+    opened = registry.open_dataset(config)
+    assert isinstance(opened.data, datasets.Ssl4misData) and opened.labeled_count == 3
     config.data.source, config.data.data_dir = "tfds", str(tfds_dir)
     validate(config)
-    data = datasets.open_data(config)
-    assert isinstance(data, datasets.TfdsData) and str(tfds_dir) in str(data)
+    opened = registry.open_dataset(config)
+    assert isinstance(opened.data, datasets.TfdsData) and str(tfds_dir) in opened.description
     config.data.data_dir = str(tmp_path)
     with pytest.raises(DataError, match="holds no prepared ACDC 'slices' dataset"):
-        datasets.open_data(config)
+        registry.open_dataset(config)
 
 
 def test_config_rejects_tfds_for_the_phantom_and_unknown_sources():
     config = base_config()
-    config.data.dataset, config.data.source = "phantom", "tfds"
+    registry.select(config, "phantom")
+    config.data.source = "tfds"
     with pytest.raises(ConfigError, match="data.source.*built for ACDC only"):
         validate(config)
     config.data.source = "zarr"
@@ -118,13 +135,17 @@ def test_tfds_labeled_count_is_checked_against_the_published_acdc_split(both):
         tf.labeled_slice_count("phantom", 3, "whole")
 
 
-def test_evaluation_reads_a_tfds_run_from_its_data_dir(tfds_dir, h5_root, tmp_path):
-    config = ml_collections.ConfigDict(base_config().to_dict())
+def test_evaluation_reads_a_tfds_run_from_its_data_dir(tfds_dir, h5_root, tmp_path, monkeypatch):
+    config = base_config()
+    registry.select(config, "acdc")
+    config = ml_collections.ConfigDict(config.to_dict())
     config.data.source, config.data.data_dir = "tfds", str(tmp_path / "moved")
+    # The tiny phantom's list is no ACDC list: count its first patient as the labeled set.
+    monkeypatch.setattr(datasets.TfdsData, "labeled_slice_count", lambda self, *args: 3)
     with pytest.raises(DataError, match="moved .*data.data_dir in .*is not a directory"):
         evaluate.open_eval_data(config, tmp_path, None)
     data = evaluate.open_eval_data(config, tmp_path, tfds_dir)
-    assert isinstance(data, datasets.TfdsData)
+    assert isinstance(data.data, datasets.TfdsData)
     assert data.cases("val") == ssl4mis.list_cases(h5_root, "val")
 
 

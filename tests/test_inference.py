@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from arco_jax import evaluate, evaluation, inference, predict, train
-from arco_jax.data import ssl4mis
+from arco_jax.data import registry, ssl4mis
 
 import tiny
 
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     results = train.train_and_evaluate(config, workdir)
     return types.SimpleNamespace(config=config, workdir=workdir, results=results,
-                                 root=train.prepare_data(config).root)
+                                 root=registry.open_dataset(config).data.root)
 
 
 @pytest.fixture(scope="module")

@@ -267,21 +267,24 @@ def test_projector_on_maps_and_pixel_vectors():
 
 def test_registry_builds_unet_from_configdict_and_plain_objects():
     config = ml_collections.ConfigDict(
-        dict(name="unet", num_classes=3, in_channels=2, features=(16, 32, 64, 128, 256),
-             dropout_rates=(0.05, 0.1, 0.2, 0.3, 0.5), rep_dim=128)
+        dict(name="unet", rep_dim=128,
+             unet=dict(features=(16, 32, 64, 128, 256), dropout_rates=(0.05, 0.1, 0.2, 0.3, 0.5)))
     )
-    model = build_segmenter(config)
+    model = build_segmenter(config, num_classes=3, in_channels=2)
     assert isinstance(model, UNet) and model.num_classes == 3 and model.in_channels == 2
-    head = build_head(config)
+    head = build_head(config, num_classes=3, in_channels=2)
     assert head.feature_dims == FEATURE_DIMS and head.output_dim == 128
     assert build_projector(config).dim == 128
-    plain = types.SimpleNamespace(name="unet", num_classes=4, in_channels=1)
-    assert build_head(plain).output_dim == 496
+    plain = types.SimpleNamespace(name="unet")
+    assert build_head(plain, num_classes=4, in_channels=1).output_dim == 496
 
 
 def test_registry_errors_name_the_problem():
     with pytest.raises(ValueError, match="known names: unet"):
-        build_segmenter(types.SimpleNamespace(name="vnet3d", num_classes=2, in_channels=1))
-    with pytest.raises(ValueError, match="'num_classes'"):
-        build_segmenter(types.SimpleNamespace(name="unet", in_channels=1))
+        build_segmenter(types.SimpleNamespace(name="vnet3d"), num_classes=2, in_channels=1)
+    with pytest.raises(ValueError, match="'name'"):
+        build_segmenter(types.SimpleNamespace(), num_classes=2, in_channels=1)
+    with pytest.raises(ValueError, match="model.unet.features"):
+        build_segmenter(types.SimpleNamespace(name="unet", unet=types.SimpleNamespace(features=(4, 8))),
+                        num_classes=2, in_channels=1)
     assert "unet" in known_models()

@@ -7,6 +7,7 @@ two participants a cross-device sum is a + b in either order, so the runs agree 
 Only the supervised term is on: every collective crosses processes through TCP, and the
 optional terms would multiply compile time and collectives without adding a code path here.
 """
+import os
 import shutil
 import signal
 import socket
@@ -46,9 +47,7 @@ def start_processes(config_path: Path, workdir: Path, env: dict, logs: list[Path
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "jax_compile_cache"
-    path.mkdir(exist_ok=True)
-    return path
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])  # the session's (conftest.py)
 
 
 @pytest.fixture(scope="module")

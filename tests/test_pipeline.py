@@ -6,7 +6,6 @@ from absl import flags
 
 from arco_jax.data import phantom
 from arco_jax.data import pipeline
-from arco_jax.data import ssl4mis
 
 CONFIG = phantom.PhantomConfig(splits=(3, 1, 1), image_size=40, slices=(3, 4), seed=2)
 ONE_PROCESS = grain.sharding.ShardOptions(shard_index=0, shard_count=1)
@@ -158,9 +157,40 @@ def test_process_shards_are_disjoint_and_together_form_the_global_batch():
         assert parts[0] == global_ids[0::2] and parts[1] == global_ids[1::2]
     with pytest.raises(ValueError, match="not divisible"):
         stream(0, 2, 5)
-    with pytest.raises(ValueError, match="square"):
-        pipeline.make_stream(_IndexedSource(4), global_batch_size=2, patch_size=(12, 10), seed=0,
-                             shard=ONE_PROCESS)
+    with pytest.raises(ValueError, match="2 or 3 axes"):
+        pipeline.make_stream(_IndexedSource(4), global_batch_size=2, patch_size=(12,), seed=0, shard=ONE_PROCESS)
+
+
+class _RgbSource:
+    """Non-square three-channel images whose channels differ, labels with an ignore value."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        image = np.stack([np.full((20, 28), index + 1 + c / 4, np.float32) for c in range(3)], -1)
+        label = np.full((20, 28), index % 3, np.uint8)
+        label[:, :4] = 255
+        return {"image": image, "label": label}
+
+
+def test_multichannel_non_square_images_keep_channels_and_shape_and_fill_with_the_ignore_label():
+    stream = iter(pipeline.make_stream(_RgbSource(), global_batch_size=6, patch_size=(16, 32), seed=3,
+                                       shard=ONE_PROCESS, fill_label=255))
+    rotated = 0
+    for _ in range(4):
+        batch = next(stream)
+        assert batch["image"].shape == (6, 16, 32, 3) and batch["label"].shape == (6, 16, 32)
+        for image, label in zip(batch["image"], batch["label"]):
+            filled = image[..., 0] == 0  # rotation corners: image 0, label the fill value
+            index = int(np.max(image[..., 0])) - 1
+            np.testing.assert_allclose(image[~filled], np.broadcast_to([index + 1, index + 1.25, index + 1.5],
+                                                                       image[~filled].shape))
+            assert set(np.unique(label[~filled])) <= {index % 3, 255}
+            if filled.any():
+                rotated += 1
+                assert np.all(label[filled] == 255)
+    assert rotated > 0  # some draws rotate by an angle, bringing in corners
 
 
 def test_restoring_the_state_reproduces_the_next_batches(root):

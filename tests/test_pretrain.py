@@ -20,6 +20,7 @@ from arco_jax import state as state_lib
 from arco_jax.config import ConfigError, validate
 from arco_jax.models.relational import pooled_windows, window_starts
 from arco_jax.step import make_pretrain_step, make_train_step
+from arco_jax.data import registry
 from tests.test_step import BATCH, assert_trees_equal, make_batch, tiny_config, to_numpy
 
 PRETRAIN_STEPS = 12  # long enough for the poly schedule to leave room to fit a batch
@@ -246,8 +247,8 @@ def trainer_config(cache_dir):
     test_resume's subject), a checkpoint every 2 steps and at the boundary (step 3), on the
     two CPU devices of tests/conftest.py."""
     c = tiny_two_stage_config(pretrain_steps=TRAINER_STAGE1)
-    c.data.num_classes = 4
-    c.data.class_names = ("RV", "Myo", "LV")
+    c.data.num_classes = c.data.class_names = None  # the phantom's, not the step tests' dataset's
+    registry.select(c, "phantom")
     c.data.cache_dir = str(cache_dir)
     c.data.phantom.splits = (3, 1, 1)
     c.data.phantom.image_size = 32

@@ -42,12 +42,13 @@ RUN_TIMEOUT_S = 400
 
 TINY_CONFIG = """
 from arco_jax.config import base_config
+from arco_jax.data import registry
 
 
 def get_config():
     c = base_config()
+    registry.select(c, "phantom")
     d = c.data
-    d.dataset = "phantom"
     d.cache_dir = {cache_dir!r}
     d.phantom.splits = (3, 1, 1)
     d.phantom.image_size = 32
@@ -57,7 +58,7 @@ def get_config():
     d.batch_labeled = 2
     d.batch_unlabeled = 2
     d.num_workers = 0
-    c.model.features = (4, 8, 8, 16, 16)
+    c.model.unet.features = (4, 8, 8, 16, 16)
     c.model.rep_dim = 16
     a = c.arco
     a.num_anchors = 8
@@ -175,9 +176,7 @@ def phantom_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     """One persistent compilation cache for every command-line run of the test session."""
-    path = tmp_path_factory.getbasetemp() / "jax_compile_cache"
-    path.mkdir(exist_ok=True)
-    return path
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])  # the session's (conftest.py)
 
 
 # ----------------------------------------------------------------------------- the scenario

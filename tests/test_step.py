@@ -17,6 +17,7 @@ from arco_jax import config as config_lib
 from arco_jax import state as state_lib
 from arco_jax.objective import Batch
 from arco_jax.step import make_train_step
+from arco_jax.data import registry
 
 NUM_CLASSES = 3
 SIZE = 32
@@ -24,15 +25,25 @@ BATCH = 2
 OPTIONAL_TERMS = ("unsup", "contrast", "eqv", "nn")
 
 
+def _no_data(config):
+    raise AssertionError("the step tests build their batches themselves (make_batch)")
+
+
+# The step tests need a 3-class dataset and read no data: one is declared here.
+STEP_DATASET = registry.DatasetSpec(
+    name="step_tests_three_classes", fields=dict, validate=lambda config: None, open=_no_data,
+    info=lambda config: registry.DatasetInfo(num_classes=NUM_CLASSES, class_names=("inner", "outer")))
+if STEP_DATASET.name not in registry.names():
+    registry.register(STEP_DATASET)
+
+
 def tiny_config(zero_optional_weights: bool = False):
     c = config_lib.base_config()
-    c.data.dataset = "phantom"
-    c.data.num_classes = NUM_CLASSES
-    c.data.class_names = ("inner", "outer")
+    registry.select(c, STEP_DATASET.name)
     c.data.patch_size = (SIZE, SIZE)
     c.data.batch_labeled = BATCH
     c.data.batch_unlabeled = BATCH
-    c.model.features = (4, 8, 8, 16, 16)
+    c.model.unet.features = (4, 8, 8, 16, 16)
     c.model.rep_dim = 16
     a = c.arco
     a.num_anchors = 8

@@ -12,6 +12,7 @@ from arco_jax import objective, parallel
 from arco_jax import state as state_lib
 from arco_jax.objective import Batch, Forward
 from arco_jax.step import make_train_step
+from arco_jax.data import registry
 
 SIZE = 32
 BATCH = 2
@@ -19,10 +20,10 @@ BATCH = 2
 
 def small_config(remat: bool, eqv: float = 1.0, size: int = SIZE):
     c = config_lib.base_config()
-    c.data.dataset = "phantom"
+    registry.select(c, "phantom")
     c.data.patch_size = (size, size)
     c.data.batch_labeled = c.data.batch_unlabeled = BATCH
-    c.model.features = (4, 8, 8, 16, 16)
+    c.model.unet.features = (4, 8, 8, 16, 16)
     c.model.rep_dim = 16
     a = c.arco
     a.num_anchors, a.num_negatives = 8, 4

@@ -23,6 +23,7 @@ from arco_jax import state as state_lib
 from arco_jax.config import ConfigError, validate
 from arco_jax.objective import Batch, Forward, head_inputs
 from arco_jax.step import make_train_step
+from arco_jax.data import registry
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NUM_CLASSES = 4
@@ -32,11 +33,11 @@ BATCH = 2
 
 def tiny_config() -> ml_collections.ConfigDict:
     c = config_lib.base_config()
-    c.data.dataset = "phantom"
+    registry.select(c, "phantom")
     c.data.patch_size = (SIZE, SIZE)
     c.data.batch_labeled = BATCH
     c.data.batch_unlabeled = BATCH
-    c.model.features = (4, 8, 8, 16, 16)
+    c.model.unet.features = (4, 8, 8, 16, 16)
     c.model.rep_dim = 16
     a = c.arco
     a.num_anchors = 8
@@ -98,10 +99,17 @@ def flat(config: ml_collections.ConfigDict) -> dict:
     return out
 
 
+def acdc_base():
+    """The base settings with a dataset that has every switch a variant sets."""
+    c = config_lib.base_config()
+    registry.select(c, "acdc")
+    return c
+
+
 @pytest.mark.parametrize("name", methods.VARIANT_NAMES)
 def test_variant_preset_sets_exactly_its_switches(name):
-    before = flat(config_lib.base_config())
-    after = flat(methods.apply_variant(config_lib.base_config(), name))
+    before = flat(acdc_base())
+    after = flat(methods.apply_variant(acdc_base(), name))
     changed = {k for k in after if after[k] != before[k]}
     preset = methods.VARIANTS.get(name, {})
     assert changed <= set(preset) | {"arco.variant"}
@@ -148,7 +156,7 @@ def test_baseline_presets_switch_off_every_arco_term():
 
 def phantom(**dotted):
     c = config_lib.base_config()
-    c.data.dataset = "phantom"
+    registry.select(c, "phantom")
     for field, value in dotted.items():
         methods.set_field(c, field, value)
     return c
@@ -473,3 +481,10 @@ def test_each_method_preset_runs_a_jitted_train_step(model, method, variant):
     if method == "mean_teacher":  # step 0 lies in the ramp's delay: the total is the supervised term
         assert metrics["consistency_weight"] == 0.0
         assert metrics["loss"] == pytest.approx(0.5 * metrics["loss_sup"], rel=1e-6)
+
+
+def test_a_variant_leaves_data_switches_to_datasets_that_have_them():
+    c = config_lib.base_config()  # no dataset: no data.one_patient_split
+    methods.apply_variant(c, "code")
+    assert c.arco.strata == "index" and "one_patient_split" not in c.data
+    assert methods.variant_conflicts(c) == []

@@ -29,7 +29,7 @@ def tiny_config(cache_dir: Path, steps: int = 2, every: int = 2, narrow: bool = 
     d.labeled_patients = 1
     d.batch_labeled = d.batch_unlabeled = 2
     if narrow:
-        c.model.features = (4, 8, 8, 16, 16)
+        c.model.unet.features = (4, 8, 8, 16, 16)
         c.model.rep_dim = 16
     a = c.arco
     a.num_anchors, a.num_negatives = 8, 4

@@ -9,7 +9,7 @@ evaluation and the variance study read either without knowing which:
 Both keep list order, so "the first K training slices" is the same labeled set in either, and
 both name the file and the problem in a DataError.
 
-`open_data(config)` picks one from `config.data` (dataset, source, data_dir).
+The registered datasets built on them (ACDC, the phantom) are in ssl4mis_datasets.py.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 import h5py
-import ml_collections
 import numpy as np
 
-from arco_jax.data import phantom, ssl4mis
+from arco_jax.data import ssl4mis
 from arco_jax.data.ssl4mis import DataError
 
 SOURCES = ("h5", "tfds")
@@ -162,16 +161,3 @@ class TfdsData:
                                                              where=f"{self.data_dir} {split}")
         return Volume(case, image, label,
                       None if spacing is None else _checked_spacing(spacing, f"{self.data_dir} {split} {case}"))
-
-
-def open_data(config: ml_collections.ConfigDict) -> SegmentationData:
-    """The dataset `config.data` names: the phantom (generated into its cache on first use),
-    or the user's ACDC as an SSL4MIS folder ('h5') or a prepared TFDS folder ('tfds')."""
-    d = config.data
-    if d.dataset == "phantom":
-        p = d.phantom
-        return Ssl4misData(phantom.ensure_phantom(d.cache_dir or None, splits=tuple(p.splits),
-                                                  image_size=p.image_size, slices=tuple(p.slices), seed=p.seed))
-    if d.source == "tfds":
-        return TfdsData(d.data_dir)
-    return Ssl4misData(d.data_dir)

@@ -38,39 +38,50 @@ ROTATE_PROBABILITY = 0.5  # of the remaining half
 MAX_ROTATION_DEGREES = 20
 
 
-def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize as SSL4MIS does (scipy zoom, order 0), for image and label."""
-    if array.shape == tuple(size):
+def resize_nearest(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize of the leading len(size) axes as SSL4MIS does (scipy zoom,
+    order 0), for image and label; trailing axes (channels) are kept."""
+    spatial = array.shape[:len(size)]
+    if spatial == tuple(size):
         return array
-    factors = (size[0] / array.shape[0], size[1] / array.shape[1])
+    factors = tuple(t / s for t, s in zip(size, spatial)) + (1,) * (array.ndim - len(size))
     return ndimage.zoom(array, factors, order=0)
 
 
-def weak_augment(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, int],
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def weak_augment(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, ...],
+                 rng: np.random.Generator, fill_label: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The reference's per-sample weak augmentation, with the same transform on both arrays.
 
-    Resize to a square patch_size (nearest, image and label, first, as the reference); then
-    with p=.5 rot90 by a random k and a flip along a random axis; otherwise with p=.5 a
-    rotation by an integer angle in [-20, 20) degrees (nearest, corners filled with 0);
-    otherwise nothing.
+    image (*spatial, C) and label (*spatial) with len(patch_size) spatial axes (2, or 3 with
+    depth first). Resize to patch_size (nearest, image and label, first, as the reference);
+    then with p=.5 rot90 in the last two spatial axes (the image plane) by a random k and a
+    flip along a random one of them; otherwise with p=.5 an in-plane rotation by an integer
+    angle in [-20, 20) degrees (nearest; corners 0 in the image, `fill_label` in the label);
+    otherwise nothing. A non-square plane is turned by 0 or 180 degrees only, so its shape holds.
     """
+    rank = len(patch_size)
+    plane = (rank - 2, rank - 1)
     image, label = resize_nearest(image, patch_size), resize_nearest(label, patch_size)
     if rng.random() < ROTATE_FLIP_PROBABILITY:
         k, axis = int(rng.integers(4)), int(rng.integers(2))
-        image = np.flip(np.rot90(image, k), axis)
-        label = np.flip(np.rot90(label, k), axis)
+        if patch_size[-1] != patch_size[-2]:
+            k &= ~1
+        image = np.flip(np.rot90(image, k, axes=plane), plane[axis])
+        label = np.flip(np.rot90(label, k, axes=plane), plane[axis])
     elif rng.random() < ROTATE_PROBABILITY:
         angle = int(rng.integers(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
-        image = ndimage.rotate(image, angle, order=0, reshape=False)
-        label = ndimage.rotate(label, angle, order=0, reshape=False)
+        image = ndimage.rotate(image, angle, axes=plane[::-1], order=0, reshape=False)
+        label = ndimage.rotate(label, angle, axes=plane[::-1], order=0, reshape=False, cval=fill_label)
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
-def _augment_element(element: dict, rng: np.random.Generator, *, patch_size: tuple[int, int],
-                     keep_label: bool) -> dict:
-    image, label = weak_augment(element["image"], element["label"], patch_size, rng)
-    out = {"image": image[..., None].astype(np.float32)}
+def _augment_element(element: dict, rng: np.random.Generator, *, patch_size: tuple[int, ...],
+                     keep_label: bool, fill_label: int) -> dict:
+    image = element["image"]
+    if image.ndim == len(patch_size):  # A single-channel image without its channel axis.
+        image = image[..., None]
+    image, label = weak_augment(image, element["label"], patch_size, rng, fill_label)
+    out = {"image": image.astype(np.float32)}
     if keep_label:
         out["label"] = label.astype(np.int32)
     return out
@@ -90,26 +101,27 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def make_stream(source: grain.sources.RandomAccessDataSource, *, global_batch_size: int,
-                patch_size: tuple[int, int], seed: int, stream: int = 0,
+                patch_size: tuple[int, ...], seed: int, stream: int = 0,
                 shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
                 read_threads: int = 2, prefetch_buffer: int = 4,
-                keep_label: bool = True) -> grain.IterDataset:
-    """An infinite stream of per-process batches from one slice source.
+                keep_label: bool = True, fill_label: int = 0) -> grain.IterDataset:
+    """An infinite stream of per-process batches from one source of images (or volumes).
 
-    Yields dict(image (b, H, W, 1) float32[, label (b, H, W) int32]) with
-    b = global_batch_size / shard.shard_count and (H, W) = patch_size.
+    Yields dict(image (b, *patch_size, C) float32[, label (b, *patch_size) int32]) with
+    b = global_batch_size / shard.shard_count. `fill_label`: the label of pixels a rotation
+    brings in (the dataset's ignore label if it has one).
     """
     shard = shard if shard is not None else grain.sharding.ShardByJaxProcess()
     if global_batch_size % shard.shard_count:
         raise ValueError(f"global batch {global_batch_size} is not divisible by "
                          f"{shard.shard_count} processes")
-    if len(patch_size) != 2 or patch_size[0] != patch_size[1]:
-        raise ValueError(f"patch_size must be square (rot90 keeps the shape), got {patch_size}")
+    if len(patch_size) not in (2, 3):
+        raise ValueError(f"patch_size must have 2 or 3 axes, got {patch_size}")
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     shuffle_seed, augment_seed = stream_seeds(seed, stream)
     augment = functools.partial(_augment_element, patch_size=tuple(patch_size),
-                                keep_label=keep_label)
+                                keep_label=keep_label, fill_label=fill_label)
     ds = (grain.MapDataset.source(source)
           .shuffle(seed=shuffle_seed)
           .repeat()
@@ -157,14 +169,14 @@ class TrainStreams:
 
 
 def make_source_streams(labeled_source, unlabeled_source, *, labeled_batch_size: int,
-                        unlabeled_batch_size: int, patch_size: tuple[int, int], seed: int,
+                        unlabeled_batch_size: int, patch_size: tuple[int, ...], seed: int,
                         shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
-                        unlabeled_with_labels: bool = False) -> TrainStreams:
+                        unlabeled_with_labels: bool = False, fill_label: int = 0) -> TrainStreams:
     """Labeled and unlabeled streams over two random-access sources of slices (any of
     `arco_jax.data.datasets`). Batch sizes are global (over all processes); each process gets
     its share. The streams use independent seeds derived from `seed`. Unlabeled batches carry
     no label unless `unlabeled_with_labels` (for diagnostics only)."""
-    common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count)
+    common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count, fill_label=fill_label)
     labeled = make_stream(labeled_source, global_batch_size=labeled_batch_size, stream=0, **common)
     unlabeled = make_stream(unlabeled_source, global_batch_size=unlabeled_batch_size, stream=1,
                             keep_label=unlabeled_with_labels, **common)

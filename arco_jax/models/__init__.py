@@ -11,12 +11,18 @@ Contract every registered architecture keeps, so the trainer never names one:
     (representations at chosen pixels only), 'region_sums' + 'output' (region means).
   projector.apply(projector_variables, reps) -> same shape; works on (..., rep_dim).
 
-To add an architecture (DeepLabv3+, a 3D VNet): write its module and head, and add one
-`ModelSpec` to `_REGISTRY`.
+To add an architecture (DeepLabv3+, a 3D VNet): write its module and head, add one
+`ModelSpec` to `_REGISTRY`, and give its settings a node `config.model.<name>` in
+config.base_config (models are plug-ins: the trainer reads only the fields below).
 
-Config fields read (ml_collections.ConfigDict or any attribute object):
-  name (required), num_classes (required), in_channels (required),
-  features, dropout_rates (architecture defaults when absent), rep_dim (default 496).
+Config read: the `config.model` node (ml_collections.ConfigDict or any attribute object):
+  name (required), rep_dim (default 496), and the architecture's own sub-config
+  `config.model[name]` (e.g. model.unet.features / dropout_rates; defaults when absent).
+num_classes and in_channels come from the dataset and are passed by the caller.
+
+Pretrained weights (config.model.init_from): an .npz whose keys are '/'-joined paths into the
+segmenter's variables, prefixed by the collection ('params/encoder0/...', 'batch_stats/...');
+see load_pretrained / save_variables_npz.
 """
 from __future__ import annotations
 
@@ -25,59 +31,88 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax.numpy as jnp
+import numpy as np
 
 from arco_jax.models.heads import UNET_REP_DIM, FPNHead, Projector
-from arco_jax.models.unet import UNet
+from arco_jax.models.unet import NUM_LEVELS, UNet
 
 Dtype = Any
 _MISSING = object()
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """How to build one architecture's segmenter and the head fed by its features."""
+class BuildArgs:
+    """What every architecture gets besides its own sub-config: the dataset's sizes and the dtype."""
 
-    segmenter: Callable[[Any, Dtype], nn.Module]
-    head: Callable[[Any, Dtype], nn.Module]
+    num_classes: int
+    in_channels: int
+    rep_dim: int
+    dtype: Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture's segmenter and the head fed by its features.
+
+    Each callable takes the architecture's own sub-config (config.model[name], None when absent).
+    feature_strides: the stride of each feature map the segmenter returns, in its order (so a
+      head, sampler or validator can size things without tracing); input_multiple: what H and
+      W (D) must be multiples of.
+    check: (field, problem) pairs for settings that cannot work, field relative to config.model.
+    """
+
+    segmenter: Callable[[Any, BuildArgs], nn.Module]
+    head: Callable[[Any, BuildArgs], nn.Module]
+    feature_strides: Callable[[Any], tuple[int, ...]]
+    input_multiple: Callable[[Any], int]
+    check: Callable[[Any], list[tuple[str, str]]] = lambda sub: []
 
 
 def _field(config: Any, key: str, default: Any = _MISSING) -> Any:
-    value = getattr(config, key, default)
+    value = getattr(config, key, default) if config is not None else default
     if value is _MISSING:
         raise ValueError(f"model config is missing the required field '{key}'")
     return value
 
 
-def _build_unet(config: Any, dtype: Dtype) -> nn.Module:
+def _unet_fields(sub: Any) -> tuple[tuple[int, ...], tuple[float, ...]]:
     defaults = UNet()
-    features = tuple(_field(config, "features", defaults.features))
-    dropout_rates = tuple(_field(config, "dropout_rates", defaults.dropout_rates))
-    if len(features) != len(defaults.features) or len(dropout_rates) != len(features):
-        raise ValueError(
-            f"model 'unet' needs {len(defaults.features)} features and as many dropout_rates, "
-            f"got features={features}, dropout_rates={dropout_rates}"
-        )
-    return UNet(
-        num_classes=int(_field(config, "num_classes")),
-        in_channels=int(_field(config, "in_channels")),
-        features=features,
-        dropout_rates=dropout_rates,
-        dtype=dtype,
-    )
+    return (tuple(_field(sub, "features", defaults.features)),
+            tuple(_field(sub, "dropout_rates", defaults.dropout_rates)))
 
 
-def _build_unet_head(config: Any, dtype: Dtype) -> nn.Module:
-    features = tuple(_field(config, "features", UNet().features))
-    return FPNHead(
-        feature_dims=tuple(reversed(features)),
-        output_dim=int(_field(config, "rep_dim", UNET_REP_DIM)),
-        dtype=dtype,
-    )
+def _check_unet(sub: Any) -> list[tuple[str, str]]:
+    features, dropout_rates = _unet_fields(sub)
+    if len(features) != NUM_LEVELS or len(dropout_rates) != len(features):
+        return [("unet.features", f"the UNet needs {NUM_LEVELS} feature widths and as many "
+                 f"unet.dropout_rates, got features={features}, dropout_rates={dropout_rates}")]
+    return []
+
+
+def _build_unet(sub: Any, args: BuildArgs) -> nn.Module:
+    problems = _check_unet(sub)
+    if problems:
+        raise ValueError(f"model.{problems[0][0]}: {problems[0][1]}")
+    features, dropout_rates = _unet_fields(sub)
+    return UNet(num_classes=args.num_classes, in_channels=args.in_channels, features=features,
+                dropout_rates=dropout_rates, dtype=args.dtype)
+
+
+def _build_unet_head(sub: Any, args: BuildArgs) -> nn.Module:
+    features, _ = _unet_fields(sub)
+    return FPNHead(feature_dims=tuple(reversed(features)), output_dim=args.rep_dim, dtype=args.dtype)
+
+
+def _unet_strides(sub: Any) -> tuple[int, ...]:
+    """Bottleneck at H/16, then each decoder stage up to full resolution (UNet.__call__)."""
+    return tuple(2 ** level for level in range(NUM_LEVELS - 1, -1, -1))
 
 
 _REGISTRY: dict[str, ModelSpec] = {
-    "unet": ModelSpec(segmenter=_build_unet, head=_build_unet_head),
+    "unet": ModelSpec(segmenter=_build_unet, head=_build_unet_head, feature_strides=_unet_strides,
+                      input_multiple=lambda sub: 2 ** (NUM_LEVELS - 1), check=_check_unet),
 }
 
 
@@ -85,30 +120,96 @@ def known_models() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def _spec(config: Any) -> ModelSpec:
-    name = _field(config, "name")
+def _model_node(config: Any) -> Any:
+    """config.model of a full config, or that node itself."""
+    return getattr(config, "model", None) if hasattr(config, "model") and hasattr(config, "data") else config
+
+
+def _spec(model_config: Any) -> tuple[ModelSpec, Any]:
+    name = _field(model_config, "name")
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}; known names: {', '.join(known_models())}")
-    return _REGISTRY[name]
+    return _REGISTRY[name], getattr(model_config, name, None)
 
 
-def build_segmenter(config: Any, dtype: Dtype = jnp.float32) -> nn.Module:
-    """The segmenter named by `config.name`, returning (logits, features)."""
-    return _spec(config).segmenter(config, dtype)
+def _args(model_config: Any, num_classes: int, in_channels: int, dtype: Dtype) -> BuildArgs:
+    return BuildArgs(num_classes=int(num_classes), in_channels=int(in_channels),
+                     rep_dim=int(_field(model_config, "rep_dim", UNET_REP_DIM)), dtype=dtype)
 
 
-def build_head(config: Any, dtype: Dtype = jnp.float32) -> nn.Module:
+def build_segmenter(model_config: Any, num_classes: int, in_channels: int, dtype: Dtype = jnp.float32) -> nn.Module:
+    """The segmenter named by `model_config.name` (config.model), returning (logits, features)."""
+    spec, sub = _spec(model_config)
+    return spec.segmenter(sub, _args(model_config, num_classes, in_channels, dtype))
+
+
+def build_head(model_config: Any, num_classes: int, in_channels: int, dtype: Dtype = jnp.float32) -> nn.Module:
     """The representation head that consumes that segmenter's features tuple."""
-    return _spec(config).head(config, dtype)
+    spec, sub = _spec(model_config)
+    return spec.head(sub, _args(model_config, num_classes, in_channels, dtype))
 
 
-def build_projector(config: Any, dtype: Dtype = jnp.float32) -> nn.Module:
+def build_projector(model_config: Any, dtype: Dtype = jnp.float32) -> nn.Module:
     """The student-only projector on rep_dim-channel representations."""
-    _spec(config)
-    return Projector(dim=int(_field(config, "rep_dim", UNET_REP_DIM)), dtype=dtype)
+    _spec(model_config)
+    return Projector(dim=int(_field(model_config, "rep_dim", UNET_REP_DIM)), dtype=dtype)
+
+
+def feature_strides(config: Any) -> tuple[int, ...]:
+    """Stride of each feature map the segmenter returns (config: the full config or config.model)."""
+    spec, sub = _spec(_model_node(config))
+    return tuple(spec.feature_strides(sub))
+
+
+def input_multiple(config: Any) -> int:
+    """What every spatial input size must be a multiple of (config: the full config or config.model)."""
+    spec, sub = _spec(_model_node(config))
+    return int(spec.input_multiple(sub))
+
+
+def check(config: Any) -> list[tuple[str, str]]:
+    """(field, problem) pairs, field relative to config.model, for settings the model cannot build."""
+    model_config = _model_node(config)
+    name = getattr(model_config, "name", None)
+    if name not in _REGISTRY:
+        return [("name", f"{name!r} is not a known model; known names: {', '.join(known_models())}")]
+    spec, sub = _spec(model_config)
+    return list(spec.check(sub))
+
+
+def save_variables_npz(variables: Any, path: str) -> int:
+    """Write a segmenter's variables ({'params': ..., 'batch_stats': ...}) as the .npz that
+    config.model.init_from reads; returns the number of arrays written."""
+    flat = flax.traverse_util.flatten_dict(dict(variables), sep="/")
+    with open(path, "wb") as f:
+        np.savez(f, **{key: np.asarray(value) for key, value in flat.items()})
+    return len(flat)
+
+
+def load_pretrained(variables: Any, path: str) -> tuple[dict, int]:
+    """`variables` with every leaf named in the .npz at `path` replaced by the stored array (a host
+    numpy array, of the dtype of the leaf it replaces); leaves the file does not name keep their values. Returns
+    (variables, number of leaves loaded). A key that names no leaf, or a shape that differs,
+    raises ValueError: silently training half-initialised is worse than failing."""
+    flat = flax.traverse_util.flatten_dict(dict(variables), sep="/")
+    with open(path, "rb") as f, np.load(f) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    unknown = sorted(set(arrays) - set(flat))
+    if unknown:
+        near = sorted(flat)[:3]
+        raise ValueError(f"init_from {path}: {len(unknown)} key(s) match no variable of the segmenter, e.g. "
+                         f"{', '.join(unknown[:3])} (keys look like {', '.join(near)})")
+    bad = [f"{key} {arrays[key].shape} vs {tuple(flat[key].shape)}" for key in sorted(arrays)
+           if tuple(arrays[key].shape) != tuple(flat[key].shape)]
+    if bad:
+        raise ValueError(f"init_from {path}: {len(bad)} shape mismatch(es) (file vs model): {'; '.join(bad[:3])}")
+    for key, value in arrays.items():
+        flat[key] = np.asarray(value, dtype=np.dtype(flat[key].dtype))  # Host arrays: the caller places them.
+    return flax.traverse_util.unflatten_dict(flat, sep="/"), len(arrays)
 
 
 __all__ = [
+    "BuildArgs",
     "FPNHead",
     "ModelSpec",
     "Projector",
@@ -116,5 +217,10 @@ __all__ = [
     "build_head",
     "build_projector",
     "build_segmenter",
+    "check",
+    "feature_strides",
+    "input_multiple",
     "known_models",
+    "load_pretrained",
+    "save_variables_npz",
 ]
