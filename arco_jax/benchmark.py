@@ -131,7 +131,7 @@ def run_step_case(size: int, batch: str | None, terms: str, repeats: int, remat:
 
     from arco_jax import parallel
     from arco_jax.config import validate
-    from arco_jax.objective import Batch
+    from arco_jax.core import Batch
     from arco_jax.state import build_networks, build_optimizer, create_train_state
     from arco_jax.step import make_train_step
 

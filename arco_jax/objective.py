@@ -25,21 +25,9 @@ import ml_collections
 
 from arco_jax import augment, losses, memory, parallel, sampling
 from arco_jax.config import LOSS_TERMS
-from arco_jax.state import Networks, TrainState
+from arco_jax.core import Batch, Networks, TrainState, student_forward, teacher_forward
 
 ARCO_UNLABELED_TERMS = ("unsup", "contrast", "eqv", "nn")  # Terms that need the strong view.
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One global batch: labeled images and labels, unlabeled images (NHWC, labels int32)."""
-
-    image_l: jax.Array
-    label_l: jax.Array
-    image_u: jax.Array
-
-
-jax.tree_util.register_dataclass(Batch, data_fields=["image_l", "label_l", "image_u"], meta_fields=[])
 
 
 @dataclasses.dataclass
@@ -54,10 +42,7 @@ class Forward:
 
     def _student_apply(self, batch_stats: dict, images: jax.Array, key: jax.Array):
         """One train-mode student forward: ((logits, features), updated batch statistics)."""
-        variables = {"params": self.params["segmenter"], "batch_stats": batch_stats}
-        outputs, updated = self.nets.segmenter.apply(
-            variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-        return outputs, updated["batch_stats"]
+        return student_forward(self.nets, self.params["segmenter"], batch_stats, images, key)
 
     def student(self, images: jax.Array, key: jax.Array):
         (logits, features), self.batch_stats = self._student_apply(self.batch_stats, images, key)
@@ -110,15 +95,8 @@ class Forward:
         return outputs
 
     def teacher_net(self, images: jax.Array, key: jax.Array):
-        """Teacher predictions, constant for the gradient. In train mode (the reference) it
-        uses dropout and batch statistics; its running statistics are not updated."""
-        variables = {"params": self.teacher["params"]["segmenter"], "batch_stats": self.teacher["batch_stats"]}
-        if self.config.arco.teacher_train_mode:
-            (logits, features), _ = self.nets.segmenter.apply(
-                variables, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-        else:
-            logits, features = self.nets.segmenter.apply(variables, images, train=False)
-        return jax.lax.stop_gradient((logits, features))
+        """Teacher predictions, constant for the gradient (core.teacher_forward)."""
+        return teacher_forward(self.nets, self.teacher, images, key, self.config.arco.teacher_train_mode)
 
     def head(self, which: str, method: str, *args):
         params = self.params["head"] if which == "student" else self.teacher["params"]["head"]
@@ -329,13 +307,16 @@ def contrastive_term(key: jax.Array, fwd: Forward, student: HeadInputs, teacher:
 
 
 def pooled_embedding(fwd: Forward, which: str, inputs: HeadInputs, grid_size: int) -> jax.Array:
-    """Representation maps average-pooled to grid_size^2 cells, flattened, L2-normalised: (B, E)."""
+    """Representation maps average-pooled to grid_size^r cells over the r spatial axes (a
+    grid_size x grid_size grid for images), flattened, L2-normalised: (B, E)."""
     coarse, finest = inputs
-    batch, height, width = finest.shape[:3]
-    rows = jnp.arange(height) * grid_size // height
-    cols = jnp.arange(width) * grid_size // width
-    cell = rows[:, None] * grid_size + cols[None, :]
-    weights = (cell[None] == jnp.arange(grid_size ** 2)[:, None, None]).astype(jnp.float32)
+    batch, spatial = finest.shape[0], finest.shape[1:-1]
+    cell = jnp.zeros(spatial, jnp.int32)
+    for axis, size in enumerate(spatial):  # Row-major cell index, one axis at a time.
+        index = jnp.arange(size) * grid_size // size
+        cell = cell * grid_size + index.reshape((size,) + (1,) * (len(spatial) - axis - 1))
+    cells = jnp.arange(grid_size ** len(spatial)).reshape((-1,) + (1,) * len(spatial))
+    weights = (cell[None] == cells).astype(jnp.float32)
     sums, counts = fwd.head(which, "region_sums", coarse, finest, jnp.broadcast_to(weights, (batch,) + weights.shape))
     reps = fwd.head(which, "output", sums / counts[..., None])
     if which == "student":

@@ -33,7 +33,6 @@ student into both networks and builds a new optimizer).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -42,11 +41,8 @@ import ml_collections
 import optax
 
 from arco_jax import augment, losses, memory
+from arco_jax.core import Batch, Networks, TrainState, student_forward, teacher_forward
 from arco_jax.models.relational import LinearPair, num_windows, pooled_windows
-
-if TYPE_CHECKING:
-    from arco_jax.objective import Batch
-    from arco_jax.state import Networks, TrainState
 
 JITTER_STRENGTH = (0.8, 1.2)  # the reference's ColorJitter(brightness=0.2, contrast=0.2)
 TERMS = ("sup", "rel_global", "rel_local")
@@ -162,8 +158,8 @@ def _apply(module: LinearPair, params: dict, x: jax.Array) -> jax.Array:
     return module.apply({"params": params}, x)
 
 
-def relational_loss(trainable: dict, state: "TrainState", batch: "Batch", key: jax.Array,
-                    config: ml_collections.ConfigDict, nets: "Networks"):
+def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.Array,
+                    config: ml_collections.ConfigDict, nets: Networks):
     """Stage-1 loss of the student `trainable` = {'segmenter', 'heads'}.
 
     Returns (loss, (terms, batch_stats, queue_rows, metrics)); queue_rows = (global, local)
@@ -175,16 +171,12 @@ def relational_loss(trainable: dict, state: "TrainState", batch: "Batch", key: j
     student_view = augment.intensity_jitter(jitter_key, images, strength=JITTER_STRENGTH)
     teacher_view = augment.gaussian_blur(blur_key, student_view)
 
-    (logits, features), updated = nets.segmenter.apply(
-        {"params": trainable["segmenter"], "batch_stats": state.batch_stats}, student_view, train=True,
-        rngs={"dropout": student_key}, mutable=["batch_stats"])
-    teacher_variables = {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}
-    if config.arco.teacher_train_mode:  # the reference's teacher: dropout on, batch statistics
-        (t_logits, t_features), _ = nets.segmenter.apply(
-            teacher_variables, teacher_view, train=True, rngs={"dropout": teacher_key}, mutable=["batch_stats"])
-    else:
-        t_logits, t_features = nets.segmenter.apply(teacher_variables, teacher_view, train=False)
-    t_logits, t_bottleneck = jax.lax.stop_gradient((t_logits, t_features[0]))
+    (logits, features), batch_stats = student_forward(nets, trainable["segmenter"], state.batch_stats, student_view,
+                                                      student_key)
+    # The reference's teacher (arco.teacher_train_mode): dropout on, batch statistics.
+    t_logits, t_features = teacher_forward(nets, state.teacher, teacher_view, teacher_key,
+                                           config.arco.teacher_train_mode)
+    t_bottleneck = t_features[0]
 
     sup, sup_parts = losses.supervised_loss(logits[:batch.image_l.shape[0]], batch.label_l, config.data.ignore_label)
 
@@ -211,10 +203,10 @@ def relational_loss(trainable: dict, state: "TrainState", batch: "Batch", key: j
     total = terms["sup"] + p.global_weight * terms["rel_global"] + p.local_weight * terms["rel_local"]
     queue_rows = (losses.l2_normalize(global_teacher),
                   losses.l2_normalize(local_teacher).reshape(batch_size, count * size))
-    return total, (terms, updated["batch_stats"], queue_rows, dict(sup_parts))
+    return total, (terms, batch_stats, queue_rows, dict(sup_parts))
 
 
-def hand_over(state: "TrainState") -> "TrainState":
+def hand_over(state: TrainState) -> TrainState:
     """The stage-2 start: teacher := student (segmenter, FPN head, BatchNorm statistics)."""
     student = {"segmenter": state.params["segmenter"], "head": state.params["head"]}
     return state.replace(teacher=jax.tree.map(jnp.copy, {"params": student, "batch_stats": state.batch_stats}))

@@ -1,11 +1,10 @@
-"""The train state (one pytree: student, teacher, optimizer, banks, rng) and how it starts."""
+"""How the train state starts: the networks, the optimizers and their schedules, the initial
+TrainState (core.py defines it, and Batch and Networks, with no loss code; they are re-exported
+here)."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,44 +12,7 @@ import optax
 
 from arco_jax import memory, models, pretrain
 from arco_jax.config import LOSS_TERMS, parse_lr_multipliers
-
-
-@dataclasses.dataclass(frozen=True)
-class Networks:
-    """The Flax modules (static; parameters live in the TrainState)."""
-
-    segmenter: nn.Module
-    head: nn.Module
-    projector: nn.Module
-    relational: pretrain.RelationalNetworks  # stage-1 heads
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step reads and writes; saved whole by the checkpointer.
-
-    params: {'segmenter', 'head', 'projector'} of the student.
-    teacher: {'params': {'segmenter', 'head'}, 'batch_stats'}: the EMA teacher.
-    step: the global step: [0, pretrain.steps) is stage 1, then train.steps of stage 2. The
-      segmenter (params['segmenter'], batch_stats, teacher) is shared by both stages.
-    opt_state: stage 2's optimizer (stage 1 has its own in `pretrain`, so stage 2 starts fresh).
-    pretrain: stage 1's heads, optimizer and queues (pretrain.RelationalState); None when stage 1
-      is skipped. Kept through stage 2 so the pytree, and a checkpoint of it, never changes shape.
-    bad_step: -1 while every loss term stayed finite; otherwise the first step that was not
-      (the state is then frozen at the last good step so nothing good is overwritten).
-    """
-
-    step: jax.Array
-    params: dict
-    batch_stats: dict
-    opt_state: optax.OptState
-    teacher: dict
-    bank: memory.ClassBank
-    pool: memory.EmbeddingPool
-    rng: jax.Array
-    bad_step: jax.Array
-    bad_terms: jax.Array
-    pretrain: pretrain.RelationalState | None = None
+from arco_jax.core import Batch, Networks, TrainState, eval_variables  # noqa: F401  (re-exported)
 
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
@@ -63,15 +25,6 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
         projector=models.build_projector(config.model, dtype),
         relational=pretrain.build_relational_networks(config),
     )
-
-
-def eval_variables(state: TrainState, model: str) -> dict:
-    """The Flax variables of the student's or the EMA teacher's segmenter (config.eval.model)."""
-    if model == "teacher":
-        return {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}
-    if model == "student":
-        return {"params": state.params["segmenter"], "batch_stats": state.batch_stats}
-    raise ValueError(f"config.eval.model: {model!r} is not 'student' or 'teacher'")
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -163,7 +116,8 @@ def bank_capacities(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def nn_embedding_dim(config: ml_collections.ConfigDict) -> int:
-    return config.model.rep_dim * config.arco.nn_grid ** 2
+    """L_nn's pooled embedding: rep_dim per cell of an nn_grid^r grid over the r spatial axes."""
+    return config.model.rep_dim * config.arco.nn_grid ** config.data.spatial_rank
 
 
 def create_train_state(config: ml_collections.ConfigDict, nets: Networks,

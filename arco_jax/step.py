@@ -14,7 +14,8 @@ import ml_collections
 import optax
 
 from arco_jax import memory, pretrain
-from arco_jax.objective import Batch, arco_loss
+from arco_jax.core import Batch
+from arco_jax.objective import arco_loss
 from arco_jax.state import LOSS_TERM_NAMES, Networks, TrainState, learning_rate, stage2_progress
 
 

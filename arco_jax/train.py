@@ -30,7 +30,7 @@ from arco_jax import evaluators, files, parallel, pretrain
 from arco_jax.checkpointing import Checkpoints, committed_steps
 from arco_jax.config import ConfigError, from_record, validate
 from arco_jax.data import pipeline, registry
-from arco_jax.objective import Batch
+from arco_jax.core import Batch
 from arco_jax.state import (LOSS_TERM_NAMES, STAGE_TERMS, Networks, TrainState, build_networks, build_optimizer,
                             create_train_state, eval_variables, state_with_pretrained)
 from arco_jax.step import make_pretrain_step, make_train_step
