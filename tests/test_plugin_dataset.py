@@ -13,6 +13,7 @@ from arco_jax import train
 from arco_jax.config import ConfigError, base_config, validate
 from arco_jax.data import registry
 from arco_jax.errors import ConfigError as RegistryConfigError
+from tests import tiny
 
 IGNORE = 255
 TRAIN_SIZE, EVAL_SHAPE = (32, 32), (30, 44)  # eval images are padded to 32 x 48 (multiples of 16)
@@ -92,12 +93,8 @@ def toy_config(steps: int = 4) -> ml_collections.ConfigDict:
     c.data.patch_size = TRAIN_SIZE
     c.data.batch_labeled = c.data.batch_unlabeled = 2
     c.data.num_workers = 0
-    c.model.unet.features = (4, 8, 8, 16, 16)
-    c.model.rep_dim = 16
-    a = c.arco
-    a.num_anchors, a.num_negatives = 8, 4
-    a.bank_size = a.bank_size_background = 64
-    a.bank_enqueue, a.nn_pool_size, a.nn_topk, a.nn_grid = 16, 4, 2, 2
+    tiny.narrow_model(c)
+    tiny.tiny_arco(c)
     t = c.train
     t.steps = steps
     t.log_every = t.eval_every = t.checkpoint_every = 2

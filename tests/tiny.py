@@ -15,6 +15,20 @@ def demo_config():
     return module.get_config()
 
 
+def narrow_model(c) -> None:
+    """A (4, 8, 8, 16, 16) UNet with a 16-d representation: cheap to compile."""
+    c.model.unet.features = (4, 8, 8, 16, 16)
+    c.model.rep_dim = 16
+
+
+def tiny_arco(c) -> None:
+    """ARCO's sampling and banks shrunk to a few rows (8 anchors, 4 negatives, banks of 64)."""
+    a = c.arco
+    a.num_anchors, a.num_negatives = 8, 4
+    a.bank_size = a.bank_size_background = 64
+    a.bank_enqueue, a.nn_pool_size, a.nn_topk, a.nn_grid = 16, 4, 2, 2
+
+
 def tiny_config(cache_dir: Path, steps: int = 2, every: int = 2, narrow: bool = False):
     """`every`: log, validate and checkpoint period. `narrow`: a (4, 8, 8, 16, 16) UNet with a
     16-d representation, for tests that need many compilations."""
@@ -29,12 +43,8 @@ def tiny_config(cache_dir: Path, steps: int = 2, every: int = 2, narrow: bool = 
     d.labeled_patients = 1
     d.batch_labeled = d.batch_unlabeled = 2
     if narrow:
-        c.model.unet.features = (4, 8, 8, 16, 16)
-        c.model.rep_dim = 16
-    a = c.arco
-    a.num_anchors, a.num_negatives = 8, 4
-    a.bank_size = a.bank_size_background = 64
-    a.bank_enqueue, a.nn_pool_size, a.nn_topk, a.nn_grid = 16, 4, 2, 2
+        narrow_model(c)
+    tiny_arco(c)
     t = c.train
     t.steps = steps
     t.log_every = t.eval_every = t.checkpoint_every = every
