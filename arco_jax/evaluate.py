@@ -133,10 +133,12 @@ def evaluate_workdir(workdir: epath.PathLike, split: str = "test", checkpoint: s
     per_case, per_case_mm = {}, {}
     for volume in registry.iterate_cases(data, split):
         pred = model.predict_volume(volume.image)
-        per_case[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, empty_policy=policy)
+        per_case[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, empty_policy=policy,
+                                                           ignore_label=config.data.ignore_label)
         if volume.spacing is not None:
             per_case_mm[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, volume.spacing,
-                                                                  empty_policy=policy)
+                                                                  empty_policy=policy,
+                                                                  ignore_label=config.data.ignore_label)
     with_mm = len(per_case_mm) == len(per_case)
     if per_case_mm and not with_mm:
         print(f"warning: {len(per_case_mm)} of {len(per_case)} {split} volumes have a '{SPACING_KEY}'; "

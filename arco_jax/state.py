@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from arco_jax import memory, models, pretrain
@@ -80,9 +81,8 @@ def state_with_pretrained(state: TrainState, path: str) -> tuple[TrainState, int
     host arrays: place the state on the mesh afterwards (parallel.replicate)."""
     student, count = models.load_pretrained(
         {"params": state.params["segmenter"], "batch_stats": state.batch_stats}, path)
-    # Loaded into the teacher's own arrays too: equal values, no shared buffers (the step donates).
-    teacher, _ = models.load_pretrained(
-        {"params": state.teacher["params"]["segmenter"], "batch_stats": state.teacher["batch_stats"]}, path)
+    # The teacher gets its own copies: equal values, no shared buffers (the step donates them).
+    teacher = jax.tree.map(lambda x: np.array(x) if isinstance(x, np.ndarray) else jnp.copy(x), student)
     return state.replace(
         params={**state.params, "segmenter": student["params"]},
         batch_stats=student.get("batch_stats", {}),

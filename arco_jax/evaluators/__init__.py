@@ -55,7 +55,6 @@ _BUILTIN = {
 }
 _DEFAULT_FOR_UNIT = {"volume": "volume_slices", "image": "miou"}
 _REGISTERED: dict[str, type] = {}
-TYPES = ("auto", *_BUILTIN)
 
 
 def register(name: str, evaluator_class: type, *, replace: bool = False) -> None:

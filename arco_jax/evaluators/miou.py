@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 
 from arco_jax import parallel
-from arco_jax.data.registry import OpenDataset
+from arco_jax.data.registry import OpenDataset, iterate_cases
+from arco_jax.errors import ConfigError
 from arco_jax.evaluators import EvalResult, Predict, my_indices
 
 
@@ -57,8 +58,6 @@ class MeanIoU:
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
-        from arco_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
-
         if not (isinstance(config.eval.pad_multiple, int) and config.eval.pad_multiple >= 1):
             raise ConfigError(f"config.eval.pad_multiple: must be an integer >= 1, got {config.eval.pad_multiple!r}")
 
@@ -76,8 +75,7 @@ class MeanIoU:
     def run(self, predict: Predict, data: OpenDataset, split: str) -> EvalResult:
         cases = data.cases(split)
         confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
-        for index in my_indices(len(cases)):
-            case = data.case(split, index)
+        for case in iterate_cases(data, split, my_indices(len(cases))):
             confusion += confusion_matrix(self.predict_image(predict, case.image), case.label, self.num_classes,
                                           self.ignore_label)
         confusion = sum(np.asarray(json.loads(text), np.int64)

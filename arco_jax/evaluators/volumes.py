@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 
 from arco_jax import evaluation, parallel
-from arco_jax.data.registry import OpenDataset
+from arco_jax.data.registry import OpenDataset, iterate_cases
+from arco_jax.errors import ConfigError
 from arco_jax.evaluators import EvalResult, Predict, my_indices
 
 DISTANCE_UNITS = "voxels"
@@ -37,8 +38,6 @@ class VolumeSlices:
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
-        from arco_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
-
         if config.data.spatial_rank != 2:
             raise ConfigError(f"config.eval.type: 'volume_slices' predicts 2-D slices; this dataset's samples are "
                               f"{config.data.spatial_rank}-D (use a 3-D evaluator)")
@@ -47,8 +46,7 @@ class VolumeSlices:
         """(classes, 4) metric rows of every case of the split, gathered from all processes."""
         cases = data.cases(split)
         mine = {}
-        for index in my_indices(len(cases)):
-            case = data.case(split, index)
+        for case in iterate_cases(data, split, my_indices(len(cases))):
             pred = evaluation.predict_volume(predict, case.image, self.patch_size,
                                              slice_batch_size=self.slice_batch_size)
             mine[case.case] = evaluation.evaluate_volume(pred, case.label, self.num_classes,
