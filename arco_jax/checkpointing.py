@@ -17,6 +17,8 @@ Why a restore can be trusted:
   with a warning and the next older one is used; every process takes the same decision.
 - A step whose arrays have other shapes than this config builds is not corruption: that is
   a clear error (CheckpointMismatch), and nothing is moved.
+- A step of an earlier state layout is read through the `legacy` hook (state.legacy_layout):
+  restored into the old layout, fingerprint-checked there, then converted.
 
 Saves are asynchronous: the arrays are copied to host memory before `save` returns (so the
 next, donating, train step cannot change them), then written in the background. A failed
@@ -45,6 +47,9 @@ log = logging.getLogger("arco_jax")
 CORRUPT_DIR = "corrupt"
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
+
+
+LegacyHook = Callable[[tuple, Any], "tuple[Any, Callable] | None"]
 
 
 class CheckpointWriteError(RuntimeError):
@@ -98,6 +103,16 @@ def _leaf_specs(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 
     return {"/".join(key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_leaf_specs(step_dir: epath.PathLike) -> dict | None:
+    """The `_leaf_specs` of the state saved in a step directory (`<manager>/<step>`), from its
+    metadata; None when that cannot be read."""
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
+    except Exception:  # noqa: BLE001
+        return None
+    return _leaf_specs(getattr(metadata, "tree", metadata))
 
 
 def _shape_differences(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
@@ -164,9 +179,13 @@ class Checkpoints:
     """The `last` and `best` managers of a workdir. Every process calls every method (Orbax
     coordinates the writes; restore decisions are agreed between processes)."""
 
-    def __init__(self, directory: epath.PathLike, keep: int, config_hash: str):
+    def __init__(self, directory: epath.PathLike, keep: int, config_hash: str, legacy: LegacyHook | None = None):
+        """`legacy(saved leaf names, target)` -> (the tree a checkpoint of an earlier layout is
+        restored into, the function that turns it into the target's layout), or None when the
+        saved names are of the current layout."""
         self.directory = files.workdir_path(directory)
         self.config_hash = config_hash
+        self.legacy = legacy
         self._pending: dict[str, int] = {}
         self.last = self._manager("last", keep, {"state": ocp.StandardCheckpointHandler(),
                                                  "data": grain.checkpoint.CheckpointHandler(),
@@ -245,15 +264,18 @@ class Checkpoints:
 
     # -- reading
 
-    def _check_compatible(self, manager: ocp.CheckpointManager, step: int, target) -> None:
-        """Shapes and process count must match this run; raise CheckpointMismatch otherwise.
-        Metadata that cannot be read is left to the restore (and treated as corruption)."""
-        try:
-            metadata = manager.item_metadata(step)["state"]
-        except Exception:  # noqa: BLE001
-            return
-        tree = getattr(metadata, "tree", metadata)
-        differences = _shape_differences(_leaf_specs(tree), _leaf_specs(target))
+    def _layout(self, manager: ocp.CheckpointManager, step: int, target):
+        """(the tree to restore `step` into, the conversion to the target's layout or None),
+        after checking that its shapes and process count fit this run (CheckpointMismatch
+        otherwise). Metadata that cannot be read is left to the restore (and treated as corruption)."""
+        saved = saved_leaf_specs(epath.Path(manager.directory) / str(step))
+        if saved is None:
+            return target, None
+        convert = None
+        upgrade = self.legacy(tuple(saved), target) if self.legacy is not None else None
+        if upgrade is not None:
+            target, convert = upgrade
+        differences = _shape_differences(saved, _leaf_specs(target))
         if differences:
             raise CheckpointMismatch(
                 f"checkpoint step {step} in {manager.directory} holds a state of another shape than this "
@@ -267,6 +289,7 @@ class Checkpoints:
                     f"checkpoint step {step} in {manager.directory} was written by {counts.pop()} processes, "
                     f"this run has {jax.process_count()}: each process's position in the data stream "
                     "cannot be carried over. Resume with the same number of processes.")
+        return target, convert
 
     def _restore_verified(self, manager: ocp.CheckpointManager, step: int, items: dict):
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items))
@@ -282,14 +305,17 @@ class Checkpoints:
         one is tried."""
         manager = getattr(self, which)
         for step in sorted(manager.all_steps(), reverse=True):
-            self._check_compatible(manager, step, target)
-            items = {"state": ocp.args.StandardRestore(target), **(extra_items() if extra_items else {})}
+            layout, convert = self._layout(manager, step, target)
+            items = {"state": ocp.args.StandardRestore(layout), **(extra_items() if extra_items else {})}
             try:
                 restored, problem = self._restore_verified(manager, step, items), ""
             except Exception as error:  # noqa: BLE001  (any failure to read is corruption here)
                 restored, problem = None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             problems = [p for p in parallel.gather_text(problem) if p]
             if not problems:
+                if convert is not None:  # Outside the try: a conversion error is no corruption.
+                    restored = {**{name: restored[name] for name in restored.keys()},
+                                "state": convert(restored["state"])}
                 return step, restored
             self._move_aside(manager, which, step, problems[0])
         return None, None

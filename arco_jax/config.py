@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.unet.dropout_rates = (0.05, 0.1, 0.2, 0.3, 0.5)
 
     # What runs: 'supervised', 'mean_teacher', 'arco_ns', 'arco_sg', 'arco_sag' or 'custom'
-    # (arco_jax/methods.py); validate checks the loss weights and sampler against it.
+    # (arco_jax/methods/presets.py); validate checks the loss weights and sampler against it.
     c.method = "arco_sg"
 
     c.arco = ml_collections.ConfigDict()
@@ -245,7 +245,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     extra = set(c.loss_weights.keys()) - set(LOSS_TERMS)
     if extra:
         _fail("loss_weights", f"unknown terms {sorted(extra)}; known: {', '.join(LOSS_TERMS)}")
-    _choice(c.method, "method", methods.METHOD_NAMES)
+    _choice(c.method, "method", methods.method_names())
     for field, problem in methods.method_conflicts(c) + methods.variant_conflicts(c):
         _fail(field, problem)
 

@@ -1,21 +1,21 @@
-"""The pytrees every training stage shares (TrainState, Batch, Networks) and the two network
-applications every loss makes (the student's train-mode forward, the teacher's forward).
+"""The pytrees every training method shares (TrainState, Batch, Networks), the key layout of a
+stage-2 step, and the two network applications every loss makes (the student's train-mode
+forward, the teacher's forward).
 
-This module imports no loss code, so the stages (objective.py: stage 2 and the baselines;
-pretrain.py: stage 1) and the state builders (state.py) all import it and none of them
-imports another.
+This module imports no loss code, so the methods (arco_jax/methods/: ARCO's objective.py,
+stage 1's pretrain.py, the baselines) and the state builders (state.py) all import it and none
+of them imports another.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
 import jax
 import optax
-
-from arco_jax import memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Networks:
     segmenter: nn.Module
     head: nn.Module
     projector: nn.Module
-    relational: Any  # stage 1's heads (pretrain.RelationalNetworks)
+    methods: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # a method's own modules, by its name
 
 
 @flax.struct.dataclass
@@ -48,12 +48,15 @@ class TrainState:
     teacher: {'params': {'segmenter', 'head'}, 'batch_stats'}: the EMA teacher.
     step: the global step: [0, pretrain.steps) is stage 1, then train.steps of stage 2. The
       segmenter (params['segmenter'], batch_stats, teacher) is shared by both stages.
-    opt_state: stage 2's optimizer (stage 1 has its own in `pretrain`, so stage 2 starts fresh).
-    bank, pool: stage 2's (ARCO's) class banks and L_nn pool.
-    pretrain: stage 1's heads, optimizer and queues (pretrain.RelationalState); None when stage 1
-      is skipped. Kept through stage 2 so the pytree, and a checkpoint of it, never changes shape.
+    opt_state: stage 2's optimizer (a stage-1 method keeps its own in its part of `methods`, so
+      stage 2 starts fresh).
+    methods: each method's own part, by method name, for the methods of this run that have one:
+      'arco' holds the class banks and the L_nn pool, 'relational' (stage 1) its heads, optimizer
+      and queues. A stage-1 part is kept through stage 2 so the pytree, and a checkpoint of it,
+      never changes shape.
     bad_step: -1 while every loss term stayed finite; otherwise the first step that was not
       (the state is then frozen at the last good step so nothing good is overwritten).
+    bad_terms: which of the run's terms (state.term_names) failed at bad_step.
     """
 
     step: jax.Array
@@ -61,12 +64,35 @@ class TrainState:
     batch_stats: dict
     opt_state: optax.OptState
     teacher: dict
-    bank: memory.ClassBank
-    pool: memory.EmbeddingPool
     rng: jax.Array
     bad_step: jax.Array
     bad_terms: jax.Array
-    pretrain: Any = None
+    methods: dict = flax.struct.field(default_factory=dict)
+
+
+# Named keys of a stage-2 step, derived from its key the same way whichever method runs, so
+# the methods draw alike where they do the same thing (the labeled pass's dropout, say).
+STAGE2_KEY_NAMES = ("teacher_weak", "strong", "student_l", "student_u", "teacher_l", "teacher_u", "contrast",
+                    "eqv_view", "eqv_warp", "eqv_student")
+
+
+def stage2_keys(key: jax.Array) -> dict[str, jax.Array]:
+    """The named keys of one stage-2 step; 'clean_u' and 'consistency' are the Mean Teacher term's
+    (the student's pass on the clean unlabeled images, the teacher's noise and dropout)."""
+    keys = dict(zip(STAGE2_KEY_NAMES, jax.random.split(key, len(STAGE2_KEY_NAMES))))
+    keys["clean_u"], keys["consistency"] = jax.random.split(jax.random.fold_in(key, len(STAGE2_KEY_NAMES)))
+    return keys
+
+
+class LossOutput(NamedTuple):
+    """What a stage-2 loss returns beside the scalar: `terms`, the unweighted value of each term
+    it computes; the student's updated BatchNorm statistics; `update`, what the method writes
+    into its part of the state after the guard (None: nothing); scalar metrics."""
+
+    terms: dict
+    batch_stats: dict
+    update: Any
+    metrics: dict
 
 
 def eval_variables(state: TrainState, model: str) -> dict:

@@ -1,12 +1,14 @@
-"""Evaluate a trained run on the val or test volumes with the SSL4MIS protocol.
+"""Evaluate a trained run on its val or test cases with the run's evaluator (the one training
+reported with: the SSL4MIS volume protocol for ACDC, mIoU for image datasets).
 
   python -m arco_jax.evaluate --workdir=runs/acdc_sg_7 [--split=test] [--checkpoint=best]
       [--empty_policy=ssl4mis] [--data_dir=/path/to/ACDC]
 
-Writes <workdir>/eval/<split>-<checkpoint>/: per_case.csv (one row per volume and class),
-summary.json (means per class and over classes, the empty-mask policy, units, the checkpoint's
-step) and table.md, and prints the table. The data is the run's (config.json; the phantom
-is re-derived from its parameters) unless --data_dir points elsewhere.
+Writes <workdir>/eval/<split>-<checkpoint>/: summary.json (what the checkpoint and data were,
+then the evaluator's record, the same summary a run's results.json holds: for volumes, means per
+class and over classes, their std and excluded counts, units), table.md, and for volumes
+per_case.csv (one row per volume and class); prints the table. The data is the run's
+(config.json; the phantom is re-derived from its parameters) unless --data_dir points elsewhere.
 
 Distances (HD95, ASD) are in voxels, as every published ACDC table computes them (medpy
 without spacing). When a volume's h5 carries a `spacing` attribute or dataset (3 positive
@@ -20,14 +22,14 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 from etils import epath
 
-from arco_jax import evaluation, files, inference
+from arco_jax import evaluation, evaluators, files, inference
 from arco_jax.data import datasets, registry, ssl4mis
 
 SPLITS = ("val", "test")
@@ -35,9 +37,6 @@ SPACING_KEY = datasets.SPACING_KEY
 SPACING_CONVENTION = (
     "h5 'spacing' attribute (or dataset): 3 positive numbers in mm in the array's axis order "
     "(z, y, x), slice spacing first; NIfTI zooms are (x, y, z) and must be reversed")
-UNITS = {"dice": "fraction", "jaccard": "fraction", "hd95": "voxels", "asd": "voxels",
-         "hd95_mm": "mm", "asd_mm": "mm"}
-DISTANCE_METRICS = ("hd95", "asd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,40 +68,11 @@ def eval_directory(workdir: epath.PathLike, split: str, checkpoint: str | int) -
     return files.workdir_path(workdir) / "eval" / f"{split}-{checkpoint}"
 
 
-def _finite_or_none(value: float) -> float | None:
-    """JSON has no NaN: an undefined mean (the 'nan' policy, every case excluded) is null."""
-    return float(value) if math.isfinite(value) else None
-
-
-def _by_class(summary: dict, key: str, names: tuple[str, ...], cast=_finite_or_none) -> dict:
-    return {cls: {name: cast(summary[key][k, i]) for i, name in enumerate(names)}
-            for k, cls in enumerate(summary["class_names"])}
-
-
-def _summary_json(voxel: dict, mm: dict | None, meta: dict) -> dict:
-    names = list(evaluation.METRIC_NAMES)
-    per_class = _by_class(voxel, "mean", names)
-    std = _by_class(voxel, "std", names)
-    excluded = _by_class(voxel, "excluded", names, cast=int)
-    mean = {name: _finite_or_none(voxel["class_mean"][i]) for i, name in enumerate(names)}
-    if mm is not None:
-        for metric in DISTANCE_METRICS:
-            i = evaluation.METRIC_NAMES.index(metric)
-            mean[f"{metric}_mm"] = _finite_or_none(mm["class_mean"][i])
-            for k, cls in enumerate(mm["class_names"]):
-                per_class[cls][f"{metric}_mm"] = _finite_or_none(mm["mean"][k, i])
-                std[cls][f"{metric}_mm"] = _finite_or_none(mm["std"][k, i])
-                excluded[cls][f"{metric}_mm"] = int(mm["excluded"][k, i])
-    units = {m: u for m, u in UNITS.items() if mm is not None or not m.endswith("_mm")}
-    return {**meta, "units": units, "spacing_convention": SPACING_CONVENTION, "mean": mean,
-            "per_class": per_class, "std_per_class": std, "excluded_per_class": excluded}
-
-
 def _write_per_case(path: epath.Path, per_case: dict, per_case_mm: dict | None, class_names) -> None:
     columns = ["case", "class", *evaluation.METRIC_NAMES]
     if per_case_mm is not None:
-        columns += [f"{m}_mm" for m in DISTANCE_METRICS]
-    distance_columns = [evaluation.METRIC_NAMES.index(m) for m in DISTANCE_METRICS]
+        columns += [f"{m}_mm" for m in evaluation.DISTANCE_METRICS]
+    distance_columns = [evaluation.METRIC_NAMES.index(m) for m in evaluation.DISTANCE_METRICS]
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(columns)
@@ -110,14 +80,14 @@ def _write_per_case(path: epath.Path, per_case: dict, per_case_mm: dict | None, 
         for k, cls in enumerate(class_names):
             values = list(rows[k])
             if per_case_mm is not None:
-                values += [per_case_mm[case][k, i] for i in distance_columns]
+                values += [per_case_mm[case][k][i] for i in distance_columns]
             writer.writerow([case, cls, *(repr(float(v)) for v in values)])
     files.write_text(path, text.getvalue())
 
 
 def evaluate_workdir(workdir: epath.PathLike, split: str = "test", checkpoint: str | int = "best",
                      empty_policy: str | None = None, data_dir: str | Path | None = None) -> Report:
-    """Run the volume protocol for one checkpoint of a run and write the three files."""
+    """Run the run's evaluator on one checkpoint and split, and write its files."""
     workdir = files.workdir_path(workdir)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {', '.join(SPLITS)}")
@@ -129,38 +99,30 @@ def evaluate_workdir(workdir: epath.PathLike, split: str = "test", checkpoint: s
     data.cases(split)  # A missing list fails before the checkpoint is restored.
     model = inference.load_model(workdir, checkpoint)
 
-    num_classes, class_names = model.num_classes, model.class_names
-    per_case, per_case_mm = {}, {}
-    for volume in registry.iterate_cases(data, split):
-        pred = model.predict_volume(volume.image)
-        per_case[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, empty_policy=policy,
-                                                           ignore_label=config.data.ignore_label)
-        if volume.spacing is not None:
-            per_case_mm[volume.case] = evaluation.evaluate_volume(pred, volume.label, num_classes, volume.spacing,
-                                                                  empty_policy=policy,
-                                                                  ignore_label=config.data.ignore_label)
-    with_mm = len(per_case_mm) == len(per_case)
-    if per_case_mm and not with_mm:
-        print(f"warning: {len(per_case_mm)} of {len(per_case)} {split} volumes have a '{SPACING_KEY}'; "
-              "millimetre distances need all of them and are left out", file=sys.stderr)
-
-    voxel = evaluation.summarize(per_case, class_names)
-    mm = evaluation.summarize(per_case_mm, class_names) if with_mm else None
+    eval_config = ml_collections.ConfigDict(config.to_dict())
+    eval_config.eval.empty_policy = policy
+    evaluator = evaluators.build(eval_config)
+    if hasattr(evaluator, "distances_in_mm"):
+        evaluator.distances_in_mm = True
+    result = evaluator.run(lambda images: np.asarray(model.predict_logits(images)), data, split)
+    record = dict(result.record)
+    per_case, per_case_mm = record.pop("per_case", None), record.pop("per_case_mm", None)
     meta = {"split": split, "checkpoint": str(checkpoint), "checkpoint_directory": model.directory,
             "checkpoint_step": model.step, "model": config.eval.model, "data_dir": data.description,
-            "num_cases": len(per_case), "cases_with_spacing": len(per_case_mm),
-            "empty_policy": policy, "empty_policy_description": evaluation.EMPTY_POLICIES[policy]}
-    summary = _summary_json(voxel, mm, meta)
-
+            "evaluator": evaluator.name, **evaluator.results_fields}
+    if "empty_policy" in evaluator.results_fields:
+        meta["empty_policy_description"] = evaluation.EMPTY_POLICIES[policy]
+    if "cases_with_spacing" in record:
+        meta["spacing_convention"] = SPACING_CONVENTION
+    summary = {**meta, **record}
     title = (f"# {config.data.dataset}, {split} split: {config.eval.model} of checkpoint "
              f"{checkpoint} ({model.directory}, step {model.step})\n\n")
-    table = title + "## Distances in voxels\n\n" + evaluation.markdown_table(voxel, policy, "voxels")
-    if mm is not None:
-        table += "\n## Distances in mm\n\n" + evaluation.markdown_table(mm, policy, "mm")
+    table = title + result.table
 
     directory = eval_directory(workdir, split, checkpoint)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_per_case(directory / "per_case.csv", per_case, per_case_mm if with_mm else None, class_names)
+    if per_case is not None:
+        _write_per_case(directory / "per_case.csv", per_case, per_case_mm, config.data.class_names)
     files.write_text(directory / "summary.json", json.dumps(summary, indent=2) + "\n")
     files.write_text(directory / "table.md", table)
     return Report(directory=directory, summary=summary, table=table)
@@ -193,7 +155,8 @@ def main(argv) -> None:
     except (inference.WorkdirError, ssl4mis.DataError) as err:
         sys.exit(f"error: {err}")
     print(report.table)
-    print(f"wrote {report.directory}/per_case.csv, summary.json, table.md")
+    written = sorted(p.name for p in report.directory.iterdir() if p.name in ("per_case.csv", "summary.json", "table.md"))
+    print(f"wrote {report.directory}/{{{','.join(written)}}}")
 
 
 if __name__ == "__main__":

@@ -278,6 +278,42 @@ def summarize(per_case: Mapping[str, np.ndarray], class_names: Sequence[str]) ->
     }
 
 
+UNITS = {"dice": "fraction", "jaccard": "fraction", "hd95": "voxels", "asd": "voxels",
+         "hd95_mm": "mm", "asd_mm": "mm"}
+DISTANCE_METRICS = ("hd95", "asd")
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: an undefined mean (the 'nan' policy, every case excluded) is null."""
+    return float(value) if np.isfinite(value) else None
+
+
+def _by_class(summary: dict, key: str, cast=finite_or_none) -> dict:
+    return {cls: {name: cast(summary[key][k, i]) for i, name in enumerate(METRIC_NAMES)}
+            for k, cls in enumerate(summary["class_names"])}
+
+
+def summary_record(voxel: dict, mm: dict | None = None) -> dict:
+    """The one JSON summary of a volume evaluation (a run's results.json test records, the
+    evaluate command's summary.json): units, the mean over classes, and per class the mean, std
+    and number of excluded cases, from `summarize` outputs (distances in voxels; `mm`, when given,
+    adds hd95_mm and asd_mm)."""
+    per_class, std = _by_class(voxel, "mean"), _by_class(voxel, "std")
+    excluded = _by_class(voxel, "excluded", cast=int)
+    mean = {name: finite_or_none(voxel["class_mean"][i]) for i, name in enumerate(METRIC_NAMES)}
+    if mm is not None:
+        for metric in DISTANCE_METRICS:
+            i = METRIC_NAMES.index(metric)
+            mean[f"{metric}_mm"] = finite_or_none(mm["class_mean"][i])
+            for k, cls in enumerate(mm["class_names"]):
+                per_class[cls][f"{metric}_mm"] = finite_or_none(mm["mean"][k, i])
+                std[cls][f"{metric}_mm"] = finite_or_none(mm["std"][k, i])
+                excluded[cls][f"{metric}_mm"] = int(mm["excluded"][k, i])
+    units = {m: u for m, u in UNITS.items() if mm is not None or not m.endswith("_mm")}
+    return {"num_cases": voxel["num_cases"], "units": units, "mean": mean, "per_class": per_class,
+            "std_per_class": std, "excluded_per_class": excluded}
+
+
 def markdown_table(summary: dict, policy_name: str, units: str) -> str:
     """Markdown table: Dice and Jaccard in percent, HD95 and ASD in ``units``, mean ± std."""
     _check_policy(policy_name)

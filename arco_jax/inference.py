@@ -23,7 +23,9 @@ from etils import epath
 
 from arco_jax import evaluation, files
 from arco_jax.config import from_record
-from arco_jax.state import TrainState, build_networks, build_optimizer, create_train_state, eval_variables
+from arco_jax.checkpointing import saved_leaf_specs
+from arco_jax.state import (TrainState, build_networks, build_optimizer, create_train_state, eval_variables,
+                            legacy_layout)
 
 CHECKPOINT_KINDS = ("best", "last")
 CONFIG_FILE = "config.json"
@@ -149,6 +151,25 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
 
 
+def restore_state(workdir: epath.Path, config: ml_collections.ConfigDict, directory: str, step: int) -> TrainState:
+    """The TrainState (on one device) of checkpoints/<directory>/<step>, also of the layout
+    before methods owned their state (state.legacy_layout)."""
+    path = workdir / "checkpoints" / directory
+    target = abstract_train_state(config)
+    saved = saved_leaf_specs(path / str(step))
+    manager = checkpoint_manager(path)
+    upgrade = legacy_layout(config, tuple(saved), target) if saved is not None else None
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target if upgrade is None else upgrade[0])))["state"]
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        raise WorkdirError(f"{path / str(step)} cannot be restored as the TrainState of "
+                           f"{workdir / CONFIG_FILE} ({err})") from err
+    finally:
+        manager.close()
+    return restored if upgrade is None else upgrade[1](restored)
+
+
 def segmenter_variables(state: TrainState, model: str) -> dict:
     """The Flax variables of the student's or the EMA teacher's segmenter."""
     try:
@@ -162,16 +183,8 @@ def load_model(workdir: epath.PathLike, checkpoint: str | int = "best") -> Train
     workdir = files.workdir_path(workdir)
     config = read_config(workdir)
     directory, step = resolve_checkpoint(workdir, checkpoint)
-    target = abstract_train_state(config)
-    manager = checkpoint_manager(workdir / "checkpoints" / directory)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise WorkdirError(f"{workdir / 'checkpoints' / directory / str(step)} cannot be restored as the "
-                           f"TrainState of {workdir / CONFIG_FILE} ({err})") from err
-    finally:
-        manager.close()
-    variables = segmenter_variables(restored["state"], config.eval.model)
+    state = restore_state(workdir, config, directory, step)
+    variables = segmenter_variables(state, config.eval.model)
     segmenter = build_networks(config).segmenter
     apply = jax.jit(lambda v, images: segmenter.apply(v, images, train=False)[0])
     return TrainedModel(config=config, checkpoint=str(checkpoint), directory=directory, step=step,

@@ -8,9 +8,11 @@ class prototype, a pooling cell for L_nn) is the head applied to the region's me
 (`region_sums`). The reference materialises (B, 496, H, W) maps for student and teacher and
 then uses a few hundred pixels of them.
 
-The same function runs the baselines (`methods.py`): with every unlabeled weight 0 it is the
-labeled-only UNet, and `loss_weights.consistency` adds the Mean Teacher term. The switches on
-which ARCO's paper and code differ (`arco.negatives`, `arco.nn_gradient`, ...) act here.
+This is the loss of the 'arco' method (methods/arco.py owns its state: the class banks and the
+L_nn pool). With every ARCO weight 0 (an ablation) it is the labeled-only loss; a 'custom' mix
+may add the Mean Teacher term (consistency.py) on a clean pass of its own. The
+switches on which ARCO's paper and code differ (`arco.negatives`, `arco.nn_gradient`, ...) act
+here.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from arco_jax import augment, losses, memory, parallel, sampling
-from arco_jax.config import LOSS_TERMS
-from arco_jax.core import Batch, Networks, TrainState, student_forward, teacher_forward
+from arco_jax.consistency import consistency_term, consistency_weight
+from arco_jax.core import Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward, teacher_forward
+
+TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")  # what arco_loss reports
 
 ARCO_UNLABELED_TERMS = ("unsup", "contrast", "eqv", "nn")  # Terms that need the strong view.
 
@@ -340,36 +344,16 @@ def equivariance_mask(labels: jax.Array, confidences: jax.Array, num_classes: in
     return (labels > 0) & (labels < num_classes) & (confidences >= threshold)
 
 
-def consistency_weight(config: ml_collections.ConfigDict, progress: jax.Array) -> jax.Array:
-    """loss_weights.consistency ramped up as SSL4MIS's Mean Teacher: 0 before the delay, then
-    w sigmoid_rampup(t/T, rampup) (SSL4MIS steps the ramp every 150 iterations; here it is
-    continuous)."""
-    a = config.arco
-    ramp = config.loss_weights.consistency * losses.sigmoid_rampup(progress, a.consistency_rampup)
-    return jnp.where(progress >= a.consistency_delay, ramp, 0.0)
-
-
-def consistency_term(key: jax.Array, fwd: Forward, student_logits_u: jax.Array, image_u: jax.Array) -> jax.Array:
-    """Mean Teacher consistency: the student's softmax on the unlabeled images against the
-    teacher's on the same images plus clipped Gaussian noise (SSL4MIS noises the teacher's input)."""
-    noise_key, teacher_key = jax.random.split(key)
-    std = fwd.config.arco.consistency_noise
-    noise = jnp.clip(std * jax.random.normal(noise_key, image_u.shape, jnp.float32), -2.0 * std, 2.0 * std)
-    teacher_logits, _ = fwd.teacher_net(image_u + noise.astype(image_u.dtype), teacher_key)
-    return losses.softmax_mse(student_logits_u, teacher_logits)
-
-
 def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, progress: jax.Array,
               config: ml_collections.ConfigDict, nets: Networks):
-    """Total loss of the configured method and what the step needs besides gradients.
-
-    Returns (loss, (terms, batch_stats, bank_push, pool_rows, metrics)); `terms` holds the
-    unweighted value of every term (0 for terms whose weight is 0: their work is skipped);
-    bank_push (memory.BankPush) and pool_rows are what the step writes into the state, or None.
+    """Total ARCO loss and what the step needs besides gradients: (loss, core.LossOutput) whose
+    `terms` hold the unweighted value of every term (0 for terms whose weight is 0: their work
+    is skipped) and whose `update` is (bank push, pool rows) for the ARCO state (None for what
+    is not written).
     """
     a, w = config.arco, config.loss_weights
-    keys = dict(zip(["teacher_weak", "strong", "student_l", "student_u", "teacher_l", "teacher_u",
-                     "contrast", "eqv_view", "eqv_warp", "eqv_student"], jax.random.split(key, 10)))
+    keys = stage2_keys(key)
+    own = state.methods["arco"]
     fwd = Forward(config, nets, params, state.teacher, state.batch_stats)
     num_labeled = batch.image_l.shape[0]
     arco_unlabeled = any(w[name] > 0 for name in ARCO_UNLABELED_TERMS)
@@ -378,19 +362,11 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         image_s, pseudo, confidence = strong_view(fwd, batch.image_u, keys["teacher_weak"], keys["strong"])
 
     # Every student input is built before the first student pass, so the passes can run as one
-    # rematerialised loop (arco.remat_student). Mean Teacher alone runs the student once over
-    # labeled and unlabeled images (one batch-norm batch, as SSL4MIS); otherwise the labeled
-    # images have their own pass.
-    joint = w.consistency > 0 and not arco_unlabeled
-    passes = {}
-    if joint:
-        passes["joint"] = (jnp.concatenate([batch.image_l, batch.image_u]), keys["student_l"])
-    else:
-        passes["labeled"] = (batch.image_l, keys["student_l"])
+    # rematerialised loop (arco.remat_student). The labeled images have their own pass, and a
+    # Mean Teacher term in a 'custom' mix the clean unlabeled images theirs.
+    passes = {"labeled": (batch.image_l, keys["student_l"])}
     if w.consistency > 0:
-        student_key, consistency_key = jax.random.split(jax.random.fold_in(key, len(keys)))
-        if not joint:
-            passes["clean"] = (batch.image_u, student_key)
+        passes["clean"] = (batch.image_u, keys["clean_u"])
     if arco_unlabeled:
         passes["strong"] = (image_s, keys["student_u"])
     if w.eqv > 0:
@@ -405,22 +381,18 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         passes["eqv"] = (augment.warp_affine(view, matrices, order=1), keys["eqv_student"])
     out = fwd.student_passes(passes)
 
-    if joint:
-        logits_l, clean_logits_u = out["joint"][0][:num_labeled], out["joint"][0][num_labeled:]
-    else:
-        logits_l, features_l = out["labeled"]
+    logits_l, features_l = out["labeled"]
     zero = jnp.zeros((), jnp.float32)
-    terms = dict.fromkeys(LOSS_TERMS, zero)
-    weights = {name: w[name] for name in LOSS_TERMS}
+    terms = dict.fromkeys(TERMS, zero)
+    weights = {name: w[name] for name in TERMS}
     terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l, config.data.ignore_label)
     metrics = dict(sup_parts)
     if w.consistency > 0:
-        if not joint:
-            clean_logits_u = out["clean"][0]
-        terms["consistency"] = consistency_term(consistency_key, fwd, clean_logits_u, batch.image_u)
+        terms["consistency"] = consistency_term(keys["consistency"], config, nets, state.teacher, out["clean"][0],
+                                                batch.image_u)
         weights["consistency"] = metrics["consistency_weight"] = consistency_weight(config, progress)
     if not arco_unlabeled:
-        return _weighted_sum(weights, terms), (terms, fwd.batch_stats, None, None, metrics)
+        return _weighted_sum(weights, terms), LossOutput(terms, fwd.batch_stats, (None, None), metrics)
 
     logits_u, features_u = out["strong"]
     if w.unsup > 0:
@@ -441,13 +413,13 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         low, high = reliability_masks(jax.nn.softmax(jax.lax.stop_gradient(logits_u).astype(jnp.float32), -1),
                                       num_labeled, progress, a.entropy_percentile)
         terms["contrast"], bank_push, contrast_metrics = contrastive_term(
-            keys["contrast"], fwd, student, teacher, labels, teacher_probs, low, high, state.bank, num_labeled)
+            keys["contrast"], fwd, student, teacher, labels, teacher_probs, low, high, own.bank, num_labeled)
         metrics.update(contrast_metrics)
     if w.nn > 0:
         unlabeled = slice(num_labeled, None)
         student_emb = pooled_embedding(fwd, "student", student.rows(unlabeled), a.nn_grid)
         teacher_emb = pooled_embedding(fwd, "teacher", teacher.rows(unlabeled), a.nn_grid)
-        terms["nn"] = losses.nearest_neighbour_loss(student_emb, teacher_emb, state.pool.rows, a.nn_topk)
+        terms["nn"] = losses.nearest_neighbour_loss(student_emb, teacher_emb, own.pool.rows, a.nn_topk)
         if a.nn_gradient == "reference":  # The reference's L_nn is a number that trains nothing.
             terms["nn"] = jax.lax.stop_gradient(terms["nn"])
         pool_rows = teacher_emb
@@ -458,7 +430,7 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         warped_mask = augment.warp_affine(mask[..., None].astype(jnp.float32), matrices, order=1)[..., 0]
         terms["eqv"] = losses.equivariance_loss(warped_logits, target, warped_mask)
 
-    return _weighted_sum(weights, terms), (terms, fwd.batch_stats, bank_push, pool_rows, metrics)
+    return _weighted_sum(weights, terms), LossOutput(terms, fwd.batch_stats, (bank_push, pool_rows), metrics)
 
 
 def _weighted_sum(weights: dict, terms: dict) -> jax.Array:

@@ -60,7 +60,7 @@ class RelationalNetworks:
 
 @flax.struct.dataclass
 class RelationalState:
-    """What only stage 1 needs; TrainState.pretrain, None when stage 1 is skipped.
+    """What only stage 1 needs: TrainState.methods['relational'], absent when stage 1 is skipped.
 
     params: student heads {'global_head', 'global_predictor', 'local_head', 'local_predictor'}.
     teacher: EMA heads {'global_head', 'local_head'}.
@@ -165,7 +165,7 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
     Returns (loss, (terms, batch_stats, queue_rows, metrics)); queue_rows = (global, local)
     L2-normalised teacher embeddings of this batch, pushed into the queues after the update.
     """
-    p, rel, r = config.pretrain, state.pretrain, nets.relational
+    p, rel, r = config.pretrain, state.methods["relational"], nets.methods["relational"]
     jitter_key, blur_key, student_key, teacher_key = jax.random.split(key, 4)
     images = jnp.concatenate([batch.image_l, batch.image_u])
     student_view = augment.intensity_jitter(jitter_key, images, strength=JITTER_STRENGTH)

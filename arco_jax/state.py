@@ -1,18 +1,21 @@
 """How the train state starts: the networks, the optimizers and their schedules, the initial
 TrainState (core.py defines it, and Batch and Networks, with no loss code; they are re-exported
-here)."""
+here), with each method's own part built by that method (arco_jax/methods/); and how a
+checkpoint of the layout before methods owned their parts is read."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from arco_jax import memory, models, pretrain
-from arco_jax.config import LOSS_TERMS, parse_lr_multipliers
+from arco_jax import methods, models
+from arco_jax.config import parse_lr_multipliers
 from arco_jax.core import Batch, Networks, TrainState, eval_variables  # noqa: F401  (re-exported)
 
 
@@ -24,7 +27,8 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
         segmenter=models.build_segmenter(config.model, **sizes, dtype=dtype),
         head=models.build_head(config.model, **sizes, dtype=dtype),
         projector=models.build_projector(config.model, dtype),
-        relational=pretrain.build_relational_networks(config),
+        methods={m.name: modules for m in methods.stage_methods(config).values()
+                 if (modules := m.networks(config)) is not None},
     )
 
 
@@ -110,20 +114,13 @@ def stage2_progress(config: ml_collections.ConfigDict, global_step) -> jax.Array
     return (global_step - config.pretrain.steps).astype(jnp.float32) / config.train.steps
 
 
-def bank_capacities(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    a = config.arco
-    return (a.bank_size_background,) + (a.bank_size,) * (config.data.num_classes - 1)
-
-
-def nn_embedding_dim(config: ml_collections.ConfigDict) -> int:
-    """L_nn's pooled embedding: rep_dim per cell of an nn_grid^r grid over the r spatial axes."""
-    return config.model.rep_dim * config.arco.nn_grid ** config.data.spatial_rank
-
-
 def create_train_state(config: ml_collections.ConfigDict, nets: Networks,
                        tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """Initialise the student; the teacher starts as an exact copy (segmenter and head)."""
-    init_key, dropout_key, pool_key, state_key = jax.random.split(key, 4)
+    """Initialise the student; the teacher starts as an exact copy (segmenter and head); each
+    method of the run adds its own part. Stage 2's method draws from the key the L_nn pool always
+    drew from, stage 1's from a fold of its own (so stage 2's draws are those of a run without
+    stage 1)."""
+    init_key, dropout_key, method_key, state_key = jax.random.split(key, 4)
     dummy = jnp.zeros((1, *config.data.patch_size, config.data.in_channels), jnp.float32)
     variables = nets.segmenter.init({"params": init_key, "dropout": dropout_key}, dummy, train=False)
     logits, features = nets.segmenter.apply(variables, dummy, train=False)
@@ -136,24 +133,90 @@ def create_train_state(config: ml_collections.ConfigDict, nets: Networks,
         "params": {"segmenter": params["segmenter"], "head": params["head"]},
         "batch_stats": batch_stats,
     }
+    outputs = methods.InitOutputs(params, logits, features)
+    keys = {1: jax.random.fold_in(key, 1), 2: method_key}
+    parts = {m.name: m.init_state(config, nets, outputs, keys[stage])
+             for stage, m in methods.stage_methods(config).items()}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         teacher=jax.tree.map(jnp.copy, teacher),
-        bank=memory.init_class_bank(bank_capacities(config), config.model.rep_dim),
-        pool=memory.init_embedding_pool(pool_key, config.arco.nn_pool_size, nn_embedding_dim(config)),
         rng=state_key,
         bad_step=jnp.full((), -1, jnp.int32),
-        bad_terms=jnp.zeros((len(LOSS_TERM_NAMES),), bool),
-        # Its own key stream: the stage-2 draws above are those of a run without stage 1.
-        pretrain=pretrain.init_relational_state(config, nets.relational, params["segmenter"], logits, features,
-                                                jax.random.fold_in(key, 1)) if config.pretrain.steps > 0 else None,
+        bad_terms=jnp.zeros((len(term_names(config)),), bool),
+        methods={name: part for name, part in parts.items() if part is not None},
     )
 
 
-# Order of the loss terms in TrainState.bad_terms (and in the step's metrics, where a term the
-# current stage does not compute is 0), then the gradient.
-STAGE_TERMS = {1: pretrain.TERMS, 2: LOSS_TERMS}
-LOSS_TERM_NAMES = tuple(dict.fromkeys(LOSS_TERMS + pretrain.TERMS)) + ("grad",)
+def stage_terms(config: ml_collections.ConfigDict) -> dict[int, tuple[str, ...]]:
+    """{stage: the loss terms its method reports}, what the log line of a stage shows."""
+    return {stage: m.terms for stage, m in methods.stage_methods(config).items()}
+
+
+def term_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Order of TrainState.bad_terms and of the `loss_<term>` metrics every step reports (a term
+    the current stage does not compute is 0): stage 2's terms, then stage 1's others, then the
+    gradient."""
+    terms = stage_terms(config)
+    return tuple(dict.fromkeys(terms[2] + terms.get(1, ()))) + ("grad",)
+
+
+# The layout before methods owned their parts: ARCO's bank and pool and stage 1's state were
+# TrainState fields, and bad_terms followed this fixed order.
+_LEGACY_TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency", "rel_global", "rel_local", "grad")
+
+
+@flax.struct.dataclass
+class _LegacyTrainState:
+    """That layout, field for field (the order matters: the saved fingerprint follows it)."""
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    teacher: dict
+    bank: Any
+    pool: Any
+    rng: jax.Array
+    bad_step: jax.Array
+    bad_terms: jax.Array
+    pretrain: Any = None
+
+
+def is_legacy_layout(saved_names) -> bool:
+    """Whether a checkpoint's leaf names ('bank/keys', ...) are of the layout before methods."""
+    return any(name.split("/", 1)[0] in ("bank", "pool") for name in saved_names)
+
+
+def legacy_layout(config: ml_collections.ConfigDict, saved_names, target: TrainState):
+    """(what to restore a legacy checkpoint into, how to turn it into `target`'s layout), for a
+    `target` of this config (abstract arrays with shardings), or None when no legacy checkpoint
+    can be of this config. A legacy checkpoint has the bank and pool whatever its method: a run
+    whose method has none drops them. None too when `saved_names` are of the current layout."""
+    if not is_legacy_layout(saved_names):
+        return None
+    if not set(term_names(config)) <= set(_LEGACY_TERMS):
+        return None  # A method that did not exist then: no legacy checkpoint can be of this run.
+    placement = getattr(target.step, "sharding", None)
+    arco = methods.get("arco")  # A legacy checkpoint has ARCO's state whatever its method.
+    own = jax.eval_shape(lambda: arco.init_state(config, None, None, jax.random.key(0)))
+    own = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement), own)
+    own = target.methods.get("arco", own)
+    legacy = _LegacyTrainState(
+        step=target.step, params=target.params, batch_stats=target.batch_stats, opt_state=target.opt_state,
+        teacher=target.teacher, bank=own.bank, pool=own.pool, rng=target.rng, bad_step=target.bad_step,
+        bad_terms=jax.ShapeDtypeStruct((len(_LEGACY_TERMS),), jnp.bool_, sharding=placement),
+        pretrain=target.methods.get("relational"))
+    order = np.array([_LEGACY_TERMS.index(name) for name in term_names(config)])
+
+    def convert(restored: _LegacyTrainState) -> TrainState:
+        parts = {"arco": own.replace(bank=restored.bank, pool=restored.pool), "relational": restored.pretrain}
+        bad_terms = jax.jit(lambda flags: flags[order], out_shardings=placement)(restored.bad_terms)
+        return TrainState(step=restored.step, params=restored.params, batch_stats=restored.batch_stats,
+                          opt_state=restored.opt_state, teacher=restored.teacher, rng=restored.rng,
+                          bad_step=restored.bad_step, bad_terms=bad_terms,
+                          methods={name: parts[name] for name in target.methods})
+
+    return legacy, convert

@@ -1,36 +1,44 @@
-"""The jitted updates of both stages, and the guard that freezes the state at the last good
-step when anything becomes non-finite.
+"""What every method's jitted update shares: the EMA teacher update, the guard that freezes the
+state at the last good step when anything becomes non-finite, and the stage-2 update skeleton
+(loss and gradients, SGD, EMA teacher, the method's own state written after the guard).
 
-Stage 1 (relational pretraining, pretrain.py): SGD on the segmenter and the stage-1 heads, EMA
-teacher, queue updates. Stage 2 (ARCO): the
-ARCO loss and gradients, SGD, EMA teacher, bank and pool updates. Both are pure functions
-(state, batch) -> (state, metrics); jit them with donation.
+A method's step is a pure function (state, batch) -> (state, metrics) built from these
+(arco_jax/methods/); the trainer jits it with donation.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from arco_jax import memory, pretrain
-from arco_jax.core import Batch
-from arco_jax.objective import arco_loss
-from arco_jax.state import LOSS_TERM_NAMES, Networks, TrainState, learning_rate, stage2_progress
+from arco_jax import methods
+from arco_jax.core import Batch, LossOutput, Networks, TrainState
+from arco_jax.state import learning_rate, stage2_progress, term_names
 
 
-def _ema(new, old, decay: float):
+def ema(new, old, decay: float):
+    """old + (1 - decay) (new - old), leaf by leaf: the teacher's update."""
     return optax.incremental_update(new, old, 1.0 - decay)
 
 
-def _guarded(state: TrainState, updated: TrainState, terms: dict, grads) -> tuple[TrainState, jax.Array, dict]:
+def guarded(config: ml_collections.ConfigDict, state: TrainState, updated: TrainState, terms: dict,
+            grads) -> tuple[TrainState, jax.Array, dict]:
     """`updated` if every term and the gradient are finite (and nothing failed before), else
     `state` with the first failure recorded. Returns (state, whether the step was good, the
-    terms completed with 0 for terms of the other stage, plus the gradient norm)."""
+    terms of the run (state.term_names; 0 for terms this step does not compute) as
+    `loss_<term>`, plus the gradient norm)."""
+    names = term_names(config)[:-1]
+    unknown = set(terms) - set(names)
+    if unknown:
+        raise ValueError(f"the step computed terms {sorted(unknown)} that no method of this run declares")
     zero = jnp.zeros((), jnp.float32)
-    terms = {name: terms.get(name, zero) for name in LOSS_TERM_NAMES[:-1]}
+    terms = {name: terms.get(name, zero) for name in names}
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.stack([jnp.isfinite(terms[name]) for name in LOSS_TERM_NAMES[:-1]] + [jnp.isfinite(grad_norm)])
+    finite = jnp.stack([jnp.isfinite(terms[name]) for name in names] + [jnp.isfinite(grad_norm)])
     good = jnp.all(finite) & (state.bad_step < 0)
     new_state = jax.tree.map(lambda new, old: jnp.where(good, new, old), updated, state)
     first_bad = (state.bad_step < 0) & ~jnp.all(finite)
@@ -41,72 +49,52 @@ def _guarded(state: TrainState, updated: TrainState, terms: dict, grads) -> tupl
     return new_state, good, {**{f"loss_{name}": value for name, value in terms.items()}, "grad_norm": grad_norm}
 
 
-def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation):
-    """Stage 2: train_step(state, batch) -> (state, metrics)."""
+Stage2Loss = Callable[[dict, TrainState, Batch, jax.Array, jax.Array, ml_collections.ConfigDict, Networks],
+                      tuple[jax.Array, LossOutput]]
+"""loss(params, state, batch, key, progress, config, nets): progress is t/T of stage 2."""
+
+
+def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation,
+                     loss: Stage2Loss, write: Callable[[Any, Any, jax.Array], Any] | None = None,
+                     name: str | None = None):
+    """train_step(state, batch) -> (state, metrics) of a stage-2 method: gradients of `loss` for
+    every student parameter, `tx`, the EMA teacher (segmenter and head), the guard; then
+    `write(own_state, update, good)` replaces state.methods[name] (the method's own part: it is
+    written after the guard, so a bad step must leave it as it was when `good` is false)."""
     decay = config.arco.ema_decay
     start = config.pretrain.steps
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
-        stage_step = state.step - start
         progress = stage2_progress(config, state.step)
-        grad_fn = jax.value_and_grad(arco_loss, has_aux=True)
-        (loss, (terms, batch_stats, bank_push, pool_rows, metrics)), grads = grad_fn(
-            state.params, state, batch, key, progress, config, nets)
+        (total, out), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state, batch, key, progress,
+                                                                       config, nets)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         student = {"segmenter": params["segmenter"], "head": params["head"]}
         teacher = {
-            "params": _ema(student, state.teacher["params"], decay),
-            "batch_stats": _ema(batch_stats, state.teacher["batch_stats"], decay),
+            "params": ema(student, state.teacher["params"], decay),
+            "batch_stats": ema(out.batch_stats, state.teacher["batch_stats"], decay),
         }
-        pool = state.pool if pool_rows is None else memory.push_embedding_pool(state.pool, pool_rows)
-        updated = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                opt_state=opt_state, teacher=teacher, pool=pool)
-        new_state, good, guard_metrics = _guarded(state, updated, terms, grads)
-        if bank_push is not None:  # Written after the guard, into the donated bank: no second copy.
-            new_state = new_state.replace(bank=memory.push_class_bank(
-                state.bank, bank_push.keys, jnp.where(good, bank_push.written, 0)))
-        return new_state, {**metrics, **guard_metrics, "loss": loss, "lr": learning_rate(config, stage_step)}
+        updated = state.replace(step=state.step + 1, params=params, batch_stats=out.batch_stats,
+                                opt_state=opt_state, teacher=teacher)
+        new_state, good, guard_metrics = guarded(config, state, updated, out.terms, grads)
+        if write is not None:  # Written after the guard, into the donated state: no second copy.
+            new_state = new_state.replace(methods={**new_state.methods,
+                                                   name: write(state.methods[name], out.update, good)})
+        return new_state, {**out.metrics, **guard_metrics, "loss": total,
+                           "lr": learning_rate(config, state.step - start)}
 
     return train_step
 
 
-def make_pretrain_step(config: ml_collections.ConfigDict, nets: Networks):
-    """Stage 1: pretrain_step(state, batch) -> (state, metrics). After the step that reaches
-    pretrain.steps, the caller applies pretrain.hand_over (a separate call: inside this jit XLA
-    may compute the student's BatchNorm statistics twice, for the student and for its teacher
-    copy, and the two could differ in the last bit)."""
+def make_train_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation):
+    """The stage-2 step of the method config.method runs."""
+    return methods.stage_methods(config)[2].make_step(config, nets, tx)
+
+
+def make_pretrain_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation = None):
+    """The stage-1 step (config.pretrain.steps > 0)."""
     if config.pretrain.steps <= 0:
         raise ValueError(f"config.pretrain.steps is {config.pretrain.steps}: there is no stage 1 to step")
-    tx = pretrain.build_pretrain_optimizer(config)
-    decay = config.pretrain.ema_decay
-
-    def pretrain_step(state: TrainState, batch: Batch):
-        rel = state.pretrain
-        key = jax.random.fold_in(state.rng, state.step)
-        trainable = {"segmenter": state.params["segmenter"], "heads": rel.params}
-        grad_fn = jax.value_and_grad(pretrain.relational_loss, has_aux=True)
-        (loss, (terms, batch_stats, (global_rows, local_rows), metrics)), grads = grad_fn(
-            trainable, state, batch, key, config, nets)
-        updates, opt_state = tx.update(grads, rel.opt_state, trainable)
-        new = optax.apply_updates(trainable, updates)
-        heads = new["heads"]
-        teacher = {
-            "params": {**state.teacher["params"],
-                       "segmenter": _ema(new["segmenter"], state.teacher["params"]["segmenter"], decay)},
-            "batch_stats": _ema(batch_stats, state.teacher["batch_stats"], decay),
-        }
-        teacher_heads = _ema({"global_head": heads["global_head"], "local_head": heads["local_head"]},
-                             rel.teacher, decay)
-        updated = state.replace(
-            step=state.step + 1, params={**state.params, "segmenter": new["segmenter"]}, batch_stats=batch_stats,
-            teacher=teacher,
-            pretrain=rel.replace(params=heads, teacher=teacher_heads, opt_state=opt_state,
-                                 global_queue=memory.push_embedding_pool(rel.global_queue, global_rows),
-                                 local_queue=memory.push_embedding_pool(rel.local_queue, local_rows)))
-        new_state, _, guard_metrics = _guarded(state, updated, terms, grads)
-        return new_state, {**metrics, **guard_metrics, "loss": loss,
-                           "lr": pretrain.pretrain_learning_rate(config, state.step)}
-
-    return pretrain_step
+    return methods.stage_methods(config)[1].make_step(config, nets, tx)

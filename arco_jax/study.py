@@ -198,7 +198,7 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("out", "runs/phantom_study", "Study folder (runs/, study.json, study.md).")
-    flags.DEFINE_list("methods", list(METHODS), "Method presets (arco_jax/methods.py).")
+    flags.DEFINE_list("methods", list(METHODS), "Method presets (arco_jax/methods/presets.py).")
     flags.DEFINE_list("budgets", [str(b) for b in BUDGETS], "Labeled patients.")
     flags.DEFINE_list("seeds", [str(s) for s in SEEDS], "Seeds.")
     flags.DEFINE_multi_string("override", [], "field=value applied to every run (e.g. train.steps=20).")

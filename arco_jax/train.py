@@ -26,13 +26,13 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from arco_jax import evaluators, files, parallel, pretrain
+from arco_jax import evaluators, files, methods, parallel
 from arco_jax.checkpointing import Checkpoints, committed_steps
 from arco_jax.config import ConfigError, from_record, validate
 from arco_jax.data import pipeline, registry
 from arco_jax.core import Batch
-from arco_jax.state import (LOSS_TERM_NAMES, STAGE_TERMS, Networks, TrainState, build_networks, build_optimizer,
-                            create_train_state, eval_variables, state_with_pretrained)
+from arco_jax.state import (Networks, TrainState, build_networks, build_optimizer, create_train_state,
+                            eval_variables, legacy_layout, stage_terms, state_with_pretrained, term_names)
 from arco_jax.step import make_pretrain_step, make_train_step
 
 # Fields a resumed run may change without --allow_config_change: they decide when things are
@@ -192,8 +192,11 @@ class MetricLog:
 
     REMOTE_WRITE_SECONDS = 60.0
 
-    def __init__(self, workdir: epath.Path, total_steps: int, boundary: int = 0):
-        """`boundary`: the first stage-2 step (0 without stage 1)."""
+    def __init__(self, workdir: epath.Path, total_steps: int, boundary: int = 0,
+                 terms: dict[int, tuple[str, ...]] | None = None):
+        """`boundary`: the first stage-2 step (0 without stage 1); `terms`: {stage: the loss
+        terms the progress line shows} (None: every `loss_<term>` metric)."""
+        self.terms = terms
         self.enabled = parallel.is_main_process()
         self.path = workdir / "metrics.jsonl"
         self.total_steps = total_steps
@@ -258,7 +261,8 @@ class MetricLog:
         stage_end = self.boundary if stage == 1 else self.total_steps
         eta = _duration((stage_end - step) / rate if rate > 0 else float("nan"))
         self.write({"split": "train", "step": step, "stage": stage, "steps_per_sec": rate, **metrics})
-        terms = " ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in STAGE_TERMS[stage])
+        names = self.terms[stage] if self.terms else [k[5:] for k in metrics if k.startswith("loss_")]
+        terms = " ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in names)
         log.info("stage %d | step %d/%d | loss %.4f (%s) | lr %.5f | %.2f steps/s | ETA %s", stage,
                  step, self.total_steps, metrics["loss"], terms, metrics["lr"], rate,
                  f"{eta} to stage 2" if stage == 1 else eta)
@@ -272,10 +276,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _check_finite(state: TrainState, checkpoint_dir: epath.Path) -> None:
+def _check_finite(config: ml_collections.ConfigDict, state: TrainState, checkpoint_dir: epath.Path) -> None:
     bad_step = int(parallel.fetch(state.bad_step))
     if bad_step >= 0:
-        bad = [name for name, flag in zip(LOSS_TERM_NAMES, parallel.fetch(state.bad_terms)) if flag]
+        bad = [name for name, flag in zip(term_names(config), parallel.fetch(state.bad_terms)) if flag]
         raise TrainingDiverged(
             f"non-finite {', '.join(bad)} at step {bad_step} (in the update from step {bad_step} to "
             f"{bad_step + 1}): training stopped. The state stayed at step {bad_step}, the last good one; "
@@ -360,7 +364,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     init = jax.jit(functools.partial(create_train_state, config, nets, tx), out_shardings=replicated)
     state = init(jax.random.PRNGKey(config.seed))
     this_config = config_hash(config)
-    checkpoints = Checkpoints(workdir / "checkpoints", config.train.keep_checkpoints, this_config)
+    checkpoints = Checkpoints(workdir / "checkpoints", config.train.keep_checkpoints, this_config,
+                              legacy=functools.partial(legacy_layout, config))
     restored = checkpoints.restore_last(state, streams)
     if restored is not None:
         state = restored
@@ -390,14 +395,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     total_steps = boundary + config.train.steps
     shardings = dict(in_shardings=(replicated, parallel.batch_sharding(mesh)),
                      out_shardings=(replicated, replicated), donate_argnums=0)
-    steppers = {2: jax.jit(make_train_step(config, nets, tx), **shardings)}
-    if boundary:
-        steppers[1] = jax.jit(make_pretrain_step(config, nets), **shardings)
-        hand_over = jax.jit(pretrain.hand_over, in_shardings=replicated, out_shardings=replicated,
-                            donate_argnums=0)
+    stages = methods.stage_methods(config)
+    makers = {1: make_pretrain_step, 2: make_train_step}  # each runs the method of its stage
+    steppers = {stage: jax.jit(makers[stage](config, nets, tx), **shardings) for stage in stages}
+    finish = {stage: jax.jit(m.finish, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
+              for stage, m in stages.items() if m.finish is not None}
     evaluator = evaluators.build(config)
     predictors = Predictors(config, nets)
-    metric_log = MetricLog(workdir, total_steps, boundary)
+    metric_log = MetricLog(workdir, total_steps, boundary, stage_terms(config))
     metric_log.keep_until(start)
 
     # The loop. Every step that logs, validates or saves first checks that training is still
@@ -418,8 +423,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                                                   "image_u": unlabeled["image"]})
             state, metrics = steppers[stage](state, Batch(**arrays))
             step += 1
-            if step == boundary:  # Stage 2 starts from the stage-1 student, as student and teacher.
-                state = hand_over(state)
+            if step == (boundary if stage == 1 else total_steps) and stage in finish:
+                state = finish[stage](state)  # Stage 2 starts from the stage-1 student, as student and teacher.
             if first_of_stage:
                 # A stage's first call compiles; keep that out of the steps/s figure.
                 jax.block_until_ready(metrics)
@@ -431,7 +436,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             if not (last or preempted or at_boundary or step % t.log_every == 0 or step % t.eval_every == 0
                     or step % t.checkpoint_every == 0):
                 continue
-            _check_finite(state, workdir / "checkpoints")
+            _check_finite(config, state, workdir / "checkpoints")
             if last or step % t.log_every == 0:
                 metric_log.progress(step, {k: float(v) for k, v in parallel.fetch(metrics).items()}, stage)
             if last or step % t.eval_every == 0:

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from arco_jax import files, inference, losses, memory, sampling, train
@@ -85,17 +84,8 @@ def restore_run(workdir: epath.PathLike, checkpoint: str | int = "best"
     config = inference.read_config(workdir)
     validate(config)
     directory, step = inference.resolve_checkpoint(workdir, checkpoint)
-    path = workdir / "checkpoints" / directory
-    manager = inference.checkpoint_manager(path)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(inference.abstract_train_state(config))))
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise inference.WorkdirError(f"{path / str(step)} cannot be restored as the TrainState of "
-                                     f"{workdir / inference.CONFIG_FILE} ({err})") from err
-    finally:
-        manager.close()
-    return config, restored["state"], directory, step
+    state = inference.restore_state(workdir, config, directory, step)
+    return config, state, directory, step
 
 
 # ----------------------------------------------------------------------------- fixed inputs
@@ -135,7 +125,7 @@ def contrast_inputs(state: TrainState, batch: Batch, key: jax.Array, config: ml_
     progress = stage2_progress(config, state.step)
     low, _ = reliability_masks(jax.nn.softmax(logits_u.astype(jnp.float32), -1), num_labeled, progress,
                                a.entropy_percentile)
-    return ContrastInputs(features, teacher, labels, teacher_probs, low, state.bank)
+    return ContrastInputs(features, teacher, labels, teacher_probs, low, state.methods["arco"].bank)
 
 
 # ----------------------------------------------------------------------------- draws
@@ -384,7 +374,9 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
         raise ValueError(f"--draws must be an integer >= 2 (a variance needs two draws), got {draws!r}")
     estimators = estimators_for(samplers, strata)
     config, state, directory, step = restore_run(workdir, checkpoint)
-    if config.arco.negatives == "other_classes" and not int(np.sum(state.bank.count)):
+    if "arco" not in state.methods:
+        raise ValueError(f"{workdir}: method {config.method!r} has no contrastive term to study (no memory banks)")
+    if config.arco.negatives == "other_classes" and not int(np.sum(state.methods["arco"].bank.count)):
         raise ValueError(f"{workdir}: the memory banks of the '{directory}' state are empty, so the contrastive "
                          f"term has no negatives (was the run trained with loss_weights.contrast > 0?)")
     nets = build_networks(config)

@@ -7,7 +7,7 @@ Train on the SSL4MIS processed layout (train_slices.list, val.list, test.list, d
   python -m arco_jax.main --config=configs/acdc.py --workdir=runs/acdc_sg_7 \
       --config.data.data_dir=/path/to/ACDC --config.data.labeled_patients=7
 
-Method and variant presets (arco_jax/methods.py) come in a config string after ':':
+Method and variant presets (arco_jax/methods/presets.py) come in a config string after ':':
 
   --config=configs/acdc.py:method=arco_sag,variant=code
 

@@ -31,7 +31,7 @@ def float_dtypes(tree) -> set[str]:
 
 
 def check_step(nets, state, new_state, metrics) -> None:
-    for name in ("params", "opt_state", "teacher", "batch_stats", "bank", "pool"):
+    for name in ("params", "opt_state", "teacher", "batch_stats", "methods"):
         assert float_dtypes(getattr(new_state, name)) <= {"float32"}, name
     for name, value in metrics.items():
         assert np.isfinite(value), name

@@ -133,7 +133,7 @@ def test_stage1_steps_are_finite_and_fit_a_repeated_batch(stage1):
 
 
 def test_queues_are_fifo_of_this_batchs_teacher_embeddings(stage1):
-    before, after = stage1.states[0].pretrain, stage1.states[1].pretrain
+    before, after = stage1.states[0].methods["relational"], stage1.states[1].methods["relational"]
     rows = 2 * BATCH  # labeled + unlabeled images
     for name in ("global_queue", "local_queue"):
         old, new = to_numpy(getattr(before, name)), to_numpy(getattr(after, name))
@@ -145,7 +145,7 @@ def test_queues_are_fifo_of_this_batchs_teacher_embeddings(stage1):
     local = to_numpy(after.local_queue.rows[:rows]).reshape(rows, windows, size)
     np.testing.assert_allclose(np.linalg.norm(local, axis=-1), 1.0, rtol=1e-5)  # each window a unit vector
     # The second push (rows 4, 5, 0, 1 of K = 6) wraps around and keeps rows 2, 3 of the first.
-    wrapped = to_numpy(stage1.states[2].pretrain.global_queue)
+    wrapped = to_numpy(stage1.states[2].methods["relational"].global_queue)
     assert int(wrapped.pointer) == 2 * rows % QUEUE == 2
     np.testing.assert_array_equal(wrapped.rows[2:4], to_numpy(after.global_queue.rows[2:4]))
     assert not np.any(np.all(np.isclose(wrapped.rows[[4, 5, 0, 1]], to_numpy(after.global_queue.rows)[[4, 5, 0, 1]]),
@@ -154,11 +154,12 @@ def test_queues_are_fifo_of_this_batchs_teacher_embeddings(stage1):
 
 def test_stage1_moves_the_segmenter_and_its_heads_and_leaves_stage2_alone(stage1):
     s0, s1 = stage1.states[0], stage1.states[1]
-    for tree0, tree1 in ((s0.params["segmenter"], s1.params["segmenter"]), (s0.pretrain.params, s1.pretrain.params)):
+    for tree0, tree1 in ((s0.params["segmenter"], s1.params["segmenter"]), (s0.methods["relational"].params, s1.methods["relational"].params)):
         assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(to_numpy(tree0)),
                                                             jax.tree.leaves(to_numpy(tree1))))
-    for field in ("bank", "pool", "opt_state", "rng"):
+    for field in ("opt_state", "rng"):
         assert_trees_equal(getattr(s1, field), getattr(s0, field))
+    assert_trees_equal(s1.methods["arco"], s0.methods["arco"])
     assert_trees_equal(s1.params["head"], s0.params["head"])
     assert_trees_equal(s1.params["projector"], s0.params["projector"])
     # Teacher (segmenter and stage-1 heads): the EMA of the updated student.
@@ -166,10 +167,10 @@ def test_stage1_moves_the_segmenter_and_its_heads_and_leaves_stage2_alone(stage1
     expected = optax.incremental_update(s1.params["segmenter"], s0.teacher["params"]["segmenter"], 1 - decay)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  to_numpy(s1.teacher["params"]["segmenter"]), to_numpy(expected))
-    expected_head = optax.incremental_update(s1.pretrain.params["global_head"], s0.pretrain.teacher["global_head"],
+    expected_head = optax.incremental_update(s1.methods["relational"].params["global_head"], s0.methods["relational"].teacher["global_head"],
                                              1 - decay)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 to_numpy(s1.pretrain.teacher["global_head"]), to_numpy(expected_head))
+                 to_numpy(s1.methods["relational"].teacher["global_head"]), to_numpy(expected_head))
 
 
 def test_lr_metric_follows_the_stage1_poly_schedule(stage1):
@@ -183,7 +184,7 @@ def test_boundary_hands_the_stage1_student_to_stage2_student_and_teacher(stage1)
     assert int(boundary.step) == stage1.config.pretrain.steps
     assert not np.array_equal(to_numpy(jax.tree.leaves(before.teacher["params"]["segmenter"])[0]),
                               to_numpy(jax.tree.leaves(before.params["segmenter"])[0]))
-    for field in ("step", "params", "batch_stats", "opt_state", "bank", "pool", "rng", "pretrain"):
+    for field in ("step", "params", "batch_stats", "opt_state", "methods", "rng"):
         assert_trees_equal(getattr(boundary, field), getattr(before, field))  # only the teacher changes
     assert_trees_equal(boundary.teacher["params"]["segmenter"], boundary.params["segmenter"])
     assert_trees_equal(boundary.teacher["params"]["head"], boundary.params["head"])
@@ -200,8 +201,8 @@ def test_non_finite_stage1_input_freezes_the_state_and_names_the_terms(stage1):
     frozen, _ = stage1.step(good, bad_batch)
     assert int(frozen.bad_step) == int(good.step)
     assert_trees_equal(frozen.params, good.params)
-    assert_trees_equal(frozen.pretrain, good.pretrain)
-    names = state_lib.LOSS_TERM_NAMES
+    assert_trees_equal(frozen.methods, good.methods)
+    names = state_lib.term_names(stage1.config)
     flags = np.asarray(frozen.bad_terms)
     assert flags[names.index("sup")] and flags[names.index("rel_global")] and flags[names.index("grad")]
 
@@ -213,11 +214,14 @@ def test_skip_flag_builds_todays_state_and_no_stage1_step(stage1):
     nets = state_lib.build_networks(config)
     skipped = jax.jit(lambda key: state_lib.create_train_state(config, nets, stage1.tx, key))(
         jax.random.key(0, impl="rbg"))
-    assert skipped.pretrain is None
+    assert set(skipped.methods) == {"arco"} and set(stage1.states[0].methods) == {"arco", "relational"}
     with_stage1 = stage1.states[0]
-    for field in ("step", "params", "batch_stats", "opt_state", "teacher", "bank", "pool", "rng",
-                  "bad_step", "bad_terms"):
+    for field in ("step", "params", "batch_stats", "opt_state", "teacher", "rng", "bad_step"):
         assert_trees_equal(getattr(skipped, field), getattr(with_stage1, field))
+    assert_trees_equal(skipped.methods["arco"], with_stage1.methods["arco"])
+    # The skipped run's flags cover its own terms only; none is set at the start.
+    assert state_lib.term_names(config) == ("sup", "unsup", "contrast", "eqv", "nn", "consistency", "grad")
+    assert not np.any(skipped.bad_terms) and not np.any(with_stage1.bad_terms)
     with pytest.raises(ValueError, match="pretrain.steps"):
         make_pretrain_step(config, nets)
 
@@ -340,7 +344,7 @@ def test_boundary_checkpoint_holds_the_handed_over_state(jobs):
 
 def test_stage2_trains_from_the_boundary_and_carries_stage1_state_untouched(jobs):
     boundary, last = train_module_state(jobs.whole, TRAINER_STAGE1), train_module_state(jobs.whole, 6)
-    assert_trees_equal(last["pretrain"], boundary["pretrain"])
+    assert_trees_equal(last["methods"]["relational"], boundary["methods"]["relational"])
     assert not np.array_equal(jax.tree.leaves(last["params"]["segmenter"])[0],
                               jax.tree.leaves(boundary["params"]["segmenter"])[0])
 

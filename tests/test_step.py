@@ -91,7 +91,7 @@ def assert_trees_equal(actual, expected, skip=()):
 
 
 def state_fields_equal(actual, expected, skip=()):
-    for field in ("step", "params", "batch_stats", "opt_state", "teacher", "bank", "pool", "rng",
+    for field in ("step", "params", "batch_stats", "opt_state", "teacher", "methods", "rng",
                   "bad_step", "bad_terms"):
         if field not in skip:
             assert_trees_equal(getattr(actual, field), getattr(expected, field))
@@ -176,7 +176,7 @@ def test_teacher_is_the_ema_of_the_updated_student(full):
 
 
 def test_bank_receives_bank_enqueue_keys_for_every_present_class(full):
-    bank0, bank = full.state0.bank, full.state1.bank
+    bank0, bank = full.state0.methods["arco"].bank, full.state1.methods["arco"].bank
     enqueue = full.config.arco.bank_enqueue
     np.testing.assert_array_equal(bank0.count, 0)
     # The labels hold every class, and labeled pixels are always enqueue candidates.
@@ -196,9 +196,9 @@ def test_bank_skips_a_class_absent_from_labels_and_pseudo_labels(full):
     out_conv["bias"] = out_conv["bias"] + jnp.array([30.0, 0.0, 0.0])
     new, metrics = full.step(state0.replace(teacher=teacher), make_batch(2, label_classes=(0, 1)))
     enqueue = full.config.arco.bank_enqueue
-    np.testing.assert_array_equal(new.bank.count, [enqueue, enqueue, 0])
-    np.testing.assert_array_equal(new.bank.pointer, [enqueue, enqueue, 0])
-    np.testing.assert_array_equal(new.bank.keys[2], 0.0)
+    np.testing.assert_array_equal(new.methods["arco"].bank.count, [enqueue, enqueue, 0])
+    np.testing.assert_array_equal(new.methods["arco"].bank.pointer, [enqueue, enqueue, 0])
+    np.testing.assert_array_equal(new.methods["arco"].bank.keys[2], 0.0)
     assert np.isfinite(float(metrics["loss"]))
 
 
@@ -211,14 +211,14 @@ def test_several_steps_fill_banks_to_capacity_and_follow_the_lr_schedule(full):
                                    o.learning_rate * (1 - t / full.config.train.steps) ** o.poly_power,
                                    rtol=1e-6)
         pushed = (t + 1) * a.bank_enqueue
-        np.testing.assert_array_equal(state.bank.count, np.minimum(pushed, capacities))
-        np.testing.assert_array_equal(state.bank.pointer, pushed % capacities)
+        np.testing.assert_array_equal(state.methods["arco"].bank.count, np.minimum(pushed, capacities))
+        np.testing.assert_array_equal(state.methods["arco"].bank.pointer, pushed % capacities)
     assert int(state.step) == 5 and int(state.bad_step) == -1
-    assert int(state.pool.pointer) == 5 * BATCH % a.nn_pool_size
+    assert int(state.methods["arco"].pool.pointer) == 5 * BATCH % a.nn_pool_size
 
 
 def test_pool_receives_one_embedding_per_unlabeled_image(full):
-    pool0, pool = to_numpy(full.state0.pool), to_numpy(full.state1.pool)
+    pool0, pool = to_numpy(full.state0.methods["arco"].pool), to_numpy(full.state1.methods["arco"].pool)
     size = full.config.arco.nn_pool_size
     assert int(pool.pointer) == BATCH % size
     np.testing.assert_array_equal(pool.rows[BATCH:], pool0.rows[BATCH:])
@@ -275,8 +275,8 @@ def test_zero_weight_terms_are_exactly_zero_and_their_work_skipped(full, zero):
     assert metrics["loss"] == metrics["loss_sup"] > 0.0
     new, old = zero.state1, full.state0
     assert int(new.step) == 1 and int(new.bad_step) == -1
-    assert_trees_equal(new.bank, old.bank)
-    assert_trees_equal(new.pool, old.pool)
+    assert_trees_equal(new.methods["arco"].bank, old.methods["arco"].bank)
+    assert_trees_equal(new.methods["arco"].pool, old.methods["arco"].pool)
     # Only the supervised term is left: it trains the segmenter; head and projector get no
     # gradient and move by weight decay alone.
     assert max_gradient_effect(new.params["segmenter"], full.zero_grad_params["segmenter"]) > 1e-5
@@ -293,8 +293,8 @@ def with_nan(batch: Batch, field: str) -> Batch:
     return Batch(**{**batch.__dict__, field: jnp.asarray(image)})
 
 
-def expected_bad_terms(metrics) -> np.ndarray:
-    values = [metrics[f"loss_{t}"] for t in state_lib.LOSS_TERM_NAMES[:-1]] + [metrics["grad_norm"]]
+def expected_bad_terms(config, metrics) -> np.ndarray:
+    values = [metrics[f"loss_{t}"] for t in state_lib.term_names(config)[:-1]] + [metrics["grad_norm"]]
     return ~np.isfinite(np.asarray(values, np.float32))
 
 
@@ -304,8 +304,8 @@ def test_non_finite_labeled_batch_freezes_the_state(full):
     state_fields_equal(frozen, good, skip=("bad_step", "bad_terms"))
     assert int(frozen.bad_step) == 1
     bad_terms = np.asarray(frozen.bad_terms)
-    np.testing.assert_array_equal(bad_terms, expected_bad_terms(metrics))
-    names = state_lib.LOSS_TERM_NAMES
+    np.testing.assert_array_equal(bad_terms, expected_bad_terms(full.config, metrics))
+    names = state_lib.term_names(full.config)
     assert bad_terms[names.index("sup")] and bad_terms[names.index("grad")]
 
     # A good batch afterwards does not unfreeze it, nor move the recorded failure.
@@ -320,8 +320,8 @@ def test_non_finite_unlabeled_batch_leaves_the_supervised_term_unmarked(full):
     state_fields_equal(frozen, good, skip=("bad_step", "bad_terms"))
     assert int(frozen.bad_step) == 1
     bad_terms = np.asarray(frozen.bad_terms)
-    np.testing.assert_array_equal(bad_terms, expected_bad_terms(metrics))
-    names = state_lib.LOSS_TERM_NAMES
+    np.testing.assert_array_equal(bad_terms, expected_bad_terms(full.config, metrics))
+    names = state_lib.term_names(full.config)
     # L_nn sees only the unlabeled images; the labeled CE + Dice stays finite.
     assert bad_terms[names.index("nn")] and bad_terms[names.index("grad")]
     assert not bad_terms[names.index("sup")]

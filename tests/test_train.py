@@ -24,7 +24,7 @@ import pytest
 from arco_jax import evaluation, files, train
 from arco_jax.config import ConfigError
 from arco_jax.data.ssl4mis import DataError
-from arco_jax.state import LOSS_TERM_NAMES, STAGE_TERMS
+from arco_jax.state import term_names
 
 import tiny
 
@@ -96,7 +96,7 @@ def test_train_lines_carry_every_loss_term_lr_and_speed(trained):
     records = read_metrics(trained.workdir)
     assert steps_of(records, "train") == [2, 4]
     for record in (r for r in records if r["split"] == "train"):
-        for name in LOSS_TERM_NAMES[:-1]:
+        for name in term_names(trained.config)[:-1]:
             assert math.isfinite(record[f"loss_{name}"]), (record["step"], name)
         assert math.isfinite(record["loss"]) and record["loss"] > 0
         assert math.isfinite(record["grad_norm"])
@@ -326,10 +326,12 @@ def test_progress_eta_of_stage_1_names_the_end_of_stage_1(tmp_path, monkeypatch)
     monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
     lines = []
     monkeypatch.setattr(train.log, "info", lambda message, *args: lines.append(message % args))
-    metric_log = train.MetricLog(files.workdir_path(tmp_path), total_steps=300, boundary=100)
-    metrics = {"loss": 1.0, "lr": 0.01, **{f"loss_{name}": 0.5 for stage in (1, 2) for name in STAGE_TERMS[stage]}}
+    terms = {1: ("sup", "rel_global"), 2: ("sup", "contrast")}
+    metric_log = train.MetricLog(files.workdir_path(tmp_path), total_steps=300, boundary=100, terms=terms)
+    metrics = {"loss": 1.0, "lr": 0.01, **{f"loss_{name}": 0.5 for stage in (1, 2) for name in terms[stage]}}
     metric_log.start(0)
     metric_log.progress(50, metrics, stage=1)   # 5 steps/s, 50 steps left in stage 1
     metric_log.progress(150, metrics, stage=2)  # 10 steps/s, 150 steps left in all
     assert lines[0].startswith("stage 1 | step 50/300") and lines[0].endswith("ETA 0m10s to stage 2")
+    assert "(sup 0.5000 rel_global 0.5000)" in lines[0] and "(sup 0.5000 contrast 0.5000)" in lines[1]
     assert lines[1].startswith("stage 2 | step 150/300") and lines[1].endswith("ETA 0m15s")

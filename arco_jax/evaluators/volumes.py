@@ -2,11 +2,13 @@
 patch size, predicted, argmaxed and resized back; Dice, Jaccard, HD95 and ASD per foreground
 class on the 3-D volume (evaluation.py), averaged over volumes, then over classes.
 
-Distances are in voxels, as published ACDC tables compute them (`evaluate` also reports mm).
+Distances are in voxels, as published ACDC tables compute them; with `distances_in_mm` on (the
+evaluate command turns it on) also in millimetres, when every case of the split has a spacing.
 """
 from __future__ import annotations
 
 import json
+import logging
 
 import ml_collections
 import numpy as np
@@ -17,6 +19,7 @@ from arco_jax.errors import ConfigError
 from arco_jax.evaluators import EvalResult, Predict, my_indices
 
 DISTANCE_UNITS = "voxels"
+log = logging.getLogger("arco_jax")
 
 
 class VolumeSlices:
@@ -35,6 +38,7 @@ class VolumeSlices:
         self.empty_policy = config.eval.empty_policy
         self.slice_batch_size = config.eval.slice_batch_size
         self.results_fields = {"empty_policy": self.empty_policy, "distance_units": DISTANCE_UNITS}
+        self.distances_in_mm = False
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -42,32 +46,48 @@ class VolumeSlices:
             raise ConfigError(f"config.eval.type: 'volume_slices' predicts 2-D slices; this dataset's samples are "
                               f"{config.data.spatial_rank}-D (use a 3-D evaluator)")
 
-    def per_case(self, predict: Predict, data: OpenDataset, split: str) -> dict[str, np.ndarray]:
-        """(classes, 4) metric rows of every case of the split, gathered from all processes."""
+    def per_case(self, predict: Predict, data: OpenDataset, split: str) -> tuple[dict, dict]:
+        """(classes, 4) metric rows of every case of the split, gathered from all processes:
+        (in voxels, in mm for the cases that have a spacing when distances_in_mm is on)."""
         cases = data.cases(split)
-        mine = {}
+        mine, mine_mm = {}, {}
         for case in iterate_cases(data, split, my_indices(len(cases))):
             pred = evaluation.predict_volume(predict, case.image, self.patch_size,
                                              slice_batch_size=self.slice_batch_size)
             mine[case.case] = evaluation.evaluate_volume(pred, case.label, self.num_classes,
                                                          empty_policy=self.empty_policy,
                                                          ignore_label=self.ignore_label)
-        gathered = {}
-        for text in parallel.gather_text(json.dumps({k: np.asarray(v).tolist() for k, v in mine.items()})):
-            gathered.update(json.loads(text))  # JSON keeps float64 exactly (and NaN/inf)
-        return {case: np.asarray(gathered[case], np.float64) for case in cases}
+            if self.distances_in_mm and case.spacing is not None:
+                mine_mm[case.case] = evaluation.evaluate_volume(pred, case.label, self.num_classes, case.spacing,
+                                                                empty_policy=self.empty_policy,
+                                                                ignore_label=self.ignore_label)
+        gathered, gathered_mm = {}, {}
+        payload = json.dumps([{k: np.asarray(v).tolist() for k, v in rows.items()} for rows in (mine, mine_mm)])
+        for text in parallel.gather_text(payload):  # JSON keeps float64 exactly (and NaN/inf)
+            voxel, mm = json.loads(text)
+            gathered.update(voxel)
+            gathered_mm.update(mm)
+        rows = lambda found: {c: np.asarray(found[c], np.float64) for c in cases if c in found}  # noqa: E731
+        return rows(gathered), rows(gathered_mm)
 
     def run(self, predict: Predict, data: OpenDataset, split: str) -> EvalResult:
-        per_case = self.per_case(predict, data, split)
-        summary = evaluation.summarize(per_case, list(self.class_names))
-        names = evaluation.METRIC_NAMES
-        metrics = {m: float(summary["class_mean"][i]) for i, m in enumerate(names)}
-        record = {
-            "num_cases": summary["num_cases"],
-            "mean": metrics,
-            "per_class": {cls: {m: float(summary["mean"][k, i]) for i, m in enumerate(names)}
-                          for k, cls in enumerate(summary["class_names"])},
-            "per_case": {case: np.asarray(rows).tolist() for case, rows in per_case.items()},
-        }
-        table = evaluation.markdown_table(summary, self.empty_policy, DISTANCE_UNITS)
+        per_case, per_case_mm = self.per_case(predict, data, split)
+        class_names = list(self.class_names)
+        voxel = evaluation.summarize(per_case, class_names)
+        with_mm = bool(per_case_mm) and len(per_case_mm) == len(per_case)
+        if per_case_mm and not with_mm:
+            log.warning("%d of %d %s volumes have a spacing; millimetre distances need all of them and are left "
+                        "out", len(per_case_mm), len(per_case), split)
+        mm = evaluation.summarize(per_case_mm, class_names) if with_mm else None
+        metrics = {m: float(voxel["class_mean"][i]) for i, m in enumerate(evaluation.METRIC_NAMES)}
+        record = {**evaluation.summary_record(voxel, mm),
+                  "per_case": {case: np.asarray(rows).tolist() for case, rows in per_case.items()}}
+        if self.distances_in_mm:
+            record["cases_with_spacing"] = len(per_case_mm)
+        if with_mm:
+            record["per_case_mm"] = {case: np.asarray(rows).tolist() for case, rows in per_case_mm.items()}
+        table = evaluation.markdown_table(voxel, self.empty_policy, DISTANCE_UNITS)
+        if with_mm:
+            table = ("## Distances in voxels\n\n" + table + "\n## Distances in mm\n\n"
+                     + evaluation.markdown_table(mm, self.empty_policy, "mm"))
         return EvalResult(metrics=metrics, record=record, table=table)

@@ -1,5 +1,5 @@
 """Named presets: which method runs (`config.method`) and which reading of ARCO it follows
-(`config.arco.variant`).
+(`config.arco.variant`). The code each method runs is in the modules beside this one.
 
 A *method* decides which loss terms run and, for ARCO, how anchors and negatives are sampled:
 'supervised' (labeled images only), 'mean_teacher' (SSL4MIS Mean Teacher), 'arco_ns' (uniform
@@ -62,7 +62,12 @@ METHODS: dict[str, dict[str, object]] = {
     **{name: {**{f"loss_weights.{t}": v for t, v in ARCO_WEIGHTS.items()}, "arco.sampler": sampler}
        for name, sampler in (("arco_ns", "uniform"), ("arco_sg", "sg"), ("arco_sag", "sag"))},
 }
-METHOD_NAMES = (*METHODS, "custom")
+METHOD_NAMES = (*METHODS, "custom")  # the built-in names; method_names() adds registered methods
+
+
+def method_names() -> tuple[str, ...]:
+    """Every name config.method accepts: the presets above, registered methods, 'custom'."""
+    return (*METHODS, "custom")
 
 # What a method name promises about the run: terms that must be off, terms that must be on,
 # and the sampler (None: any).
@@ -110,8 +115,8 @@ def _applies(config: ml_collections.ConfigDict, field: str) -> bool:
 
 def apply_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """Set config.method and the loss weights, sampler and schedule fields of that preset."""
-    if name not in METHOD_NAMES:
-        raise ValueError(f"method {name!r} is not one of {', '.join(map(repr, METHOD_NAMES))}")
+    if name not in method_names():
+        raise ValueError(f"method {name!r} is not one of {', '.join(map(repr, method_names()))}")
     for field, value in METHODS.get(name, {}).items():
         set_field(config, field, value)
     config.method = name
@@ -166,7 +171,7 @@ def parse_config_string(text: str | None) -> dict[str, str]:
             raise ValueError(f"{where}: unknown key {key!r}; known: {', '.join(CONFIG_STRING_KEYS)}")
         if key in settings:
             raise ValueError(f"{where}: {key!r} is given twice")
-        names = METHOD_NAMES if key == "method" else VARIANT_NAMES
+        names = method_names() if key == "method" else VARIANT_NAMES
         if value not in names:
             raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, names))}")
         settings[key] = value
