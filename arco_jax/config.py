@@ -198,7 +198,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
 
     from arco_jax import models  # pylint: disable=import-outside-toplevel  (flax: only when validating)
 
-    for field, problem in models.check(c.model):
+    for field, problem in models.check(c.model) + models.check_rank(c.model, d.spatial_rank):
         _fail(f"model.{field}", problem)
     if not isinstance(c.model.init_from, str):
         _fail("model.init_from", f"must be a path to an .npz file or '', got {c.model.init_from!r}")

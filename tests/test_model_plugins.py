@@ -73,8 +73,13 @@ def phantom():
 
 def test_validation_names_the_model_fields():
     c = phantom()
+    c.model.name = "resnet_unet"
+    with pytest.raises(ConfigError, match=r"config\.model\.name: .*known names: unet, vnet"):
+        validate(c)
+    c = phantom()  # 2-D slices
     c.model.name = "vnet"
-    with pytest.raises(ConfigError, match=r"config\.model\.name: .*known names: unet"):
+    with pytest.raises(ConfigError, match=r"config\.model\.name: 'vnet' takes 3-D volumes; this dataset's samples "
+                                          r"are 2-D images"):
         validate(c)
     c = phantom()
     c.model.unet.features = (4, 8, 16)

@@ -36,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from arco_jax.models.heads import UNET_REP_DIM, FPNHead, Projector
+from arco_jax.models.heads3d import FPNHead3D, vnet_level_dims
 from arco_jax.models.unet import NUM_LEVELS, UNet
+from arco_jax.models.vnet import NUM_DOWNSAMPLINGS, VNET_FEATURE_STRIDES, VNet
 
 Dtype = Any
 _MISSING = object()
@@ -61,6 +63,8 @@ class ModelSpec:
       head, sampler or validator can size things without tracing); input_multiple: what H and
       W (D) must be multiples of.
     check: (field, problem) pairs for settings that cannot work, field relative to config.model.
+    spatial_rank: the spatial axes of its inputs (2 images, 3 volumes): a dataset of another
+      rank is refused (`check_rank`).
     """
 
     segmenter: Callable[[Any, BuildArgs], nn.Module]
@@ -68,6 +72,7 @@ class ModelSpec:
     feature_strides: Callable[[Any], tuple[int, ...]]
     input_multiple: Callable[[Any], int]
     check: Callable[[Any], list[tuple[str, str]]] = lambda sub: []
+    spatial_rank: int = 2
 
 
 def _field(config: Any, key: str, default: Any = _MISSING) -> Any:
@@ -110,9 +115,40 @@ def _unet_strides(sub: Any) -> tuple[int, ...]:
     return tuple(2 ** level for level in range(NUM_LEVELS - 1, -1, -1))
 
 
+def _vnet_fields(sub: Any) -> tuple[Any, Any]:
+    defaults = VNet()
+    return _field(sub, "n_filters", defaults.n_filters), _field(sub, "dropout", defaults.dropout)
+
+
+def _check_vnet(sub: Any) -> list[tuple[str, str]]:
+    n_filters, dropout = _vnet_fields(sub)
+    problems = []
+    if isinstance(n_filters, bool) or not isinstance(n_filters, (int, np.integer)) or n_filters < 1:
+        problems.append(("vnet.n_filters", f"must be a positive integer (the base width), got {n_filters!r}"))
+    if not isinstance(dropout, (bool, np.bool_)):
+        problems.append(("vnet.dropout", f"must be true or false (the reference's has_dropout), got {dropout!r}"))
+    return problems
+
+
+def _build_vnet(sub: Any, args: BuildArgs) -> nn.Module:
+    problems = _check_vnet(sub)
+    if problems:
+        raise ValueError(f"model.{problems[0][0]}: {problems[0][1]}")
+    n_filters, dropout = _vnet_fields(sub)
+    return VNet(num_classes=args.num_classes, in_channels=args.in_channels, n_filters=int(n_filters),
+                dropout=bool(dropout), dtype=args.dtype)
+
+
+def _build_vnet_head(sub: Any, args: BuildArgs) -> nn.Module:
+    n_filters, _ = _vnet_fields(sub)
+    return FPNHead3D(level_dims=vnet_level_dims(int(n_filters)), output_dim=args.rep_dim, dtype=args.dtype)
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     "unet": ModelSpec(segmenter=_build_unet, head=_build_unet_head, feature_strides=_unet_strides,
                       input_multiple=lambda sub: 2 ** (NUM_LEVELS - 1), check=_check_unet),
+    "vnet": ModelSpec(segmenter=_build_vnet, head=_build_vnet_head, feature_strides=lambda sub: VNET_FEATURE_STRIDES,
+                      input_multiple=lambda sub: 2 ** NUM_DOWNSAMPLINGS, check=_check_vnet, spatial_rank=3),
 }
 
 
@@ -175,6 +211,20 @@ def check(config: Any) -> list[tuple[str, str]]:
         return [("name", f"{name!r} is not a known model; known names: {', '.join(known_models())}")]
     spec, sub = _spec(model_config)
     return list(spec.check(sub))
+
+
+def check_rank(config: Any, spatial_rank: int) -> list[tuple[str, str]]:
+    """A (field, problem) pair when the model's input rank is not the dataset's `spatial_rank`."""
+    model_config = _model_node(config)
+    if getattr(model_config, "name", None) not in _REGISTRY:
+        return []
+    spec, _ = _spec(model_config)
+    if spec.spatial_rank == spatial_rank:
+        return []
+    kinds = {2: "2-D images", 3: "3-D volumes"}
+    return [("name", f"{model_config.name!r} takes {kinds.get(spec.spatial_rank, spec.spatial_rank)}; this "
+                     f"dataset's samples are {kinds.get(spatial_rank, spatial_rank)} (data.spatial_rank "
+                     f"{spatial_rank})")]
 
 
 def save_variables_npz(variables: Any, path: str) -> int:
