@@ -150,13 +150,21 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     # Evaluator (arco_jax/evaluators): 'auto' takes the dataset's kind ('volume_slices' for
-    # volumes, 'miou' for images). Checkpoints are selected on val by select_metric ('auto':
-    # the evaluator's own, Dice or mIoU).
+    # volumes of 2-D samples, 'sliding_window' for 3-D ones, 'miou' for images). Checkpoints are
+    # selected on val by select_metric ('auto': the evaluator's own, Dice or mIoU).
     c.eval.type = "auto"
     c.eval.select_metric = "auto"
     c.eval.pad_multiple = 16  # 'miou': images are padded to a multiple of the network's stride.
     c.eval.empty_policy = "ssl4mis"
     c.eval.slice_batch_size = 16
+    # 'sliding_window' (3-D volumes, the reference's test_3D.py), (D, H, W) depth first: windows of
+    # eval.window (() = data.patch_size) every eval.stride voxels (() = the reference's LA strides
+    # scaled to the window: (4, 18, 18) for (80, 112, 112)), predicted window_batch_size at a time;
+    # largest_component keeps the largest connected foreground component (reference: off).
+    c.eval.window = ()
+    c.eval.stride = ()
+    c.eval.window_batch_size = 4
+    c.eval.largest_component = False
     c.eval.model = "student"  # Which network is evaluated: 'student' or 'teacher'.
     return c
 
@@ -324,7 +332,9 @@ def upgrade_record(record: dict) -> dict:
     data.setdefault("ignore_label", None)
     data.setdefault("spatial_rank", 2)
     evaluation = record.setdefault("eval", {})
-    for field, value in (("type", "auto"), ("select_metric", "auto"), ("pad_multiple", 16)):
+    # The sliding-window fields came later; their defaults are today's (no earlier run was 3-D).
+    for field, value in (("type", "auto"), ("select_metric", "auto"), ("pad_multiple", 16), ("window", []),
+                         ("stride", []), ("window_batch_size", 4), ("largest_component", False)):
         evaluation.setdefault(field, value)
     return record
 

@@ -38,7 +38,7 @@ from arco_jax.step import make_pretrain_step, make_train_step
 # Fields a resumed run may change without --allow_config_change: they decide when things are
 # logged, evaluated or kept, never what the training computes.
 RESUME_SAFE_FIELDS = frozenset({"train.log_every", "train.eval_every", "train.checkpoint_every",
-                                "train.keep_checkpoints", "eval.slice_batch_size"})
+                                "train.keep_checkpoints", "eval.slice_batch_size", "eval.window_batch_size"})
 log = logging.getLogger("arco_jax")
 
 

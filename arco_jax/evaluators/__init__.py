@@ -9,9 +9,11 @@ processes) and gathers what every process measured, so every process returns the
     result.metrics["dice"]                     # scalars; config.eval.select_metric names one
 
 Built in: 'volume_slices' (the SSL4MIS per-volume protocol, volumes predicted slice by slice:
-ACDC, the phantom) and 'miou' (a confusion matrix over whole images: natural-image sets).
-'auto' picks by the dataset's `eval_unit`. A new evaluator is a module with a class that has
-`name`, `selectable` and `run`, and one `register(...)` call.
+ACDC, the phantom), 'sliding_window' (the same metrics, 3-D volumes predicted by overlapping
+windows: the reference's test_3D.py) and 'miou' (a confusion matrix over whole images:
+natural-image sets). 'auto' picks by the dataset's `eval_unit` (and, for volumes, its spatial
+rank: 'volume_slices' for 2-D samples, 'sliding_window' for 3-D ones). A new evaluator is a
+module with a class that has `name`, `selectable` and `run`, and one `register(...)` call.
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ class Evaluator(Protocol):
 _BUILTIN = {
     "volume_slices": "arco_jax.evaluators.volumes:VolumeSlices",
     "miou": "arco_jax.evaluators.miou:MeanIoU",
+    "sliding_window": "arco_jax.evaluators.sliding_window:SlidingWindow",
 }
 _DEFAULT_FOR_UNIT = {"volume": "volume_slices", "image": "miou"}
+_DEFAULT_FOR_3D_VOLUMES = "sliding_window"
 _REGISTERED: dict[str, type] = {}
 
 
@@ -78,12 +82,16 @@ def evaluator_class(name: str) -> type:
 
 
 def type_of(config: ml_collections.ConfigDict) -> str:
-    """config.eval.type, with 'auto' resolved from the dataset's eval_unit."""
+    """config.eval.type, with 'auto' resolved from the dataset's eval_unit (and spatial rank:
+    volumes of 3-D samples are evaluated by sliding windows, of 2-D ones slice by slice)."""
     name = config.eval.type
     if name == "auto":
         from arco_jax.data import registry  # pylint: disable=import-outside-toplevel
 
-        return _DEFAULT_FOR_UNIT[registry.info(config).eval_unit]
+        info = registry.info(config)
+        if info.eval_unit == "volume" and info.spatial_rank == 3:
+            return _DEFAULT_FOR_3D_VOLUMES
+        return _DEFAULT_FOR_UNIT[info.eval_unit]
     return name
 
 
