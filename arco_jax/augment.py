@@ -139,42 +139,39 @@ def _box_mask(starts: Sequence[Array], sizes: Sequence[Array],
 
 
 def cutmix_mask(key: Array, batch_size: int, *spatial_shape: int) -> Array:
-    """(B, *spatial) bool, True inside each sample's box of about half the image (volume).
+    """(B, *spatial) bool, True inside each sample's box (the region pasted from its partner).
 
     spatial_shape is (H, W) or (D, H, W), static ints. 2-D, as the reference draws it: width an
     integer uniform in (W/2, W) (W itself excluded), height round(H*W/2 / width), the top-left
-    corner uniform over the positions that fit. 3-D, the same rule one axis further: width as
-    in 2-D, height an integer uniform over the rows that keep the depth side under D (all H
-    allowed), depth round(D*H*W/2 / (width * height)); so every side lies in about (1/2, 1] of
-    its axis and the box holds half the volume to within half a slice of it.
+    corner uniform over the positions that fit: a box of about half the image. 3-D, as the
+    reference's generate_cutout_mask_3d: that in-plane box over a slab of round(D/8) slices (at
+    least 1; 10 of LA's 80) whose first slice is uniform in [0, D - 2 * slab] (the reference's
+    z_start in [0, D - 20]: the slab never reaches the last `slab` slices).
     """
     spatial_shape = _check_spatial_shape("cutmix_mask", spatial_shape)
-    if len(spatial_shape) == 2:
-        height, width = spatial_shape
-        if width < 3 or height < 2:
-            raise ValueError(f"augment.cutmix_mask: image {height}x{width} is too small for a "
-                             f"rectangle of half the area with width in (W/2, W)")
-        width_key, col_key, row_key = jax.random.split(key, 3)
-        box_w = jax.random.randint(width_key, (batch_size,), width // 2 + 1, width)
-        box_h = jnp.round(height * width / 2 / box_w).astype(jnp.int32)
-        col0 = jax.random.randint(col_key, (batch_size,), 0, width - box_w + 1)
-        row0 = jax.random.randint(row_key, (batch_size,), 0, height - box_h + 1)
-        return _box_mask((row0, col0), (box_h, box_w), spatial_shape)
-
-    depth, height, width = spatial_shape
-    if width < 3 or height < 2 or depth < 2:
-        raise ValueError(f"augment.cutmix_mask: volume {depth}x{height}x{width} is too small "
-                         f"for a box of half the volume with width in (W/2, W)")
-    width_key, height_key, col_key, row_key, depth_key = jax.random.split(key, 5)
+    height, width = spatial_shape[-2:]
+    if width < 3 or height < 2:
+        raise ValueError(f"augment.cutmix_mask: image plane {height}x{width} is too small for a "
+                         f"rectangle of half the area with width in (W/2, W)")
+    if len(spatial_shape) == 3 and spatial_shape[0] < 2:
+        raise ValueError(f"augment.cutmix_mask: a volume of {spatial_shape[0]} slice is too small for a slab to mix")
+    # 2-D: three keys, the draws of every earlier run; 3-D: one more, for the slab.
+    width_key, col_key, row_key, *depth_key = jax.random.split(key, len(spatial_shape) + 1)
     box_w = jax.random.randint(width_key, (batch_size,), width // 2 + 1, width)
-    fewest_rows = (height * width) // (2 * box_w) + 1  # fewer would need a depth side over D
-    box_h = jax.random.randint(height_key, (batch_size,), fewest_rows, height + 1)
-    box_d = jnp.round(depth * height * width / 2 / (box_w * box_h)).astype(jnp.int32)
-    box_d = jnp.clip(box_d, 1, depth)
+    box_h = jnp.round(height * width / 2 / box_w).astype(jnp.int32)
     col0 = jax.random.randint(col_key, (batch_size,), 0, width - box_w + 1)
     row0 = jax.random.randint(row_key, (batch_size,), 0, height - box_h + 1)
-    depth0 = jax.random.randint(depth_key, (batch_size,), 0, depth - box_d + 1)
-    return _box_mask((depth0, row0, col0), (box_d, box_h, box_w), spatial_shape)
+    if len(spatial_shape) == 2:
+        return _box_mask((row0, col0), (box_h, box_w), spatial_shape)
+    depth = spatial_shape[0]
+    slab = cutmix_slab(depth)
+    depth0 = jax.random.randint(depth_key[0], (batch_size,), 0, depth - 2 * slab + 1)
+    return _box_mask((depth0, row0, col0), (jnp.full((batch_size,), slab), box_h, box_w), spatial_shape)
+
+
+def cutmix_slab(depth: int) -> int:
+    """Slices of a 3-D CutMix box: the reference's 10 of 80, scaled (at least 1, at most half)."""
+    return max(1, min(int(round(depth / 8)), depth // 2))
 
 
 def cutmix(key: Array, images: Array, labels: Array,

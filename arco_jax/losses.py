@@ -1,4 +1,5 @@
-"""The ARCO loss terms as pure functions of arrays (NHWC logits, integer label maps).
+"""The ARCO loss terms as pure functions of arrays (channels-last logits of images (B, H, W, C) or
+volumes (B, D, H, W, C), integer label maps).
 
 Sampling, augmentation and the bookkeeping of banks live elsewhere (`sampling.py`,
 `augment.py`, `memory.py`); `objective.py` wires them together for one batch.
@@ -58,7 +59,7 @@ def pseudo_label_loss(logits: jax.Array, pseudo_labels: jax.Array, confidence: j
     weight = jnp.mean((confidence.reshape(batch, -1) >= threshold).astype(jnp.float32), axis=1)
     ce = cross_entropy(logits, pseudo_labels)
     counted = ~(ce <= 0)  # Also counts NaN, so a broken prediction cannot hide as a 0 loss.
-    weighted = weight[:, None, None] * ce
+    weighted = weight.reshape((batch,) + (1,) * (ce.ndim - 1)) * ce  # (B, 1, 1) or (B, 1, 1, 1)
     return jnp.sum(jnp.where(counted, weighted, 0.0)) / jnp.maximum(jnp.sum(counted), 1)
 
 
@@ -103,7 +104,8 @@ def equivariance_loss(student_logits: jax.Array, target_logits: jax.Array, mask:
     log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     kl = jnp.sum(jnp.exp(log_p_target) * (log_p_target - log_p_student), axis=-1)
     mask = jax.lax.stop_gradient(mask.astype(jnp.float32))
-    per_image = jnp.sum(kl * mask, axis=(1, 2)) / (jnp.sum(mask, axis=(1, 2)) + 1e-7)
+    spatial = tuple(range(1, kl.ndim))  # (H, W) or (D, H, W)
+    per_image = jnp.sum(kl * mask, axis=spatial) / (jnp.sum(mask, axis=spatial) + 1e-7)
     return jnp.mean(per_image)
 
 

@@ -162,11 +162,16 @@ def _contrast_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return anchor_key, enqueue_key, negative_key
 
 
+def _per_class(classes: jax.Array, labels: jax.Array) -> jax.Array:
+    """(C,) class ids shaped to broadcast against labels[None] ((1, B, *spatial))."""
+    return classes.reshape((-1,) + (1,) * labels.ndim)
+
+
 def anchor_masks(labels: jax.Array, low: jax.Array, teacher_probs: jax.Array, threshold: float):
-    """(reliable, anchors), each (C, B, H, W): per class, the reliable (low-entropy) pixels and
+    """(reliable, anchors), each (C, B, *spatial): per class, the reliable (low-entropy) pixels and
     those of them the teacher also believes in (prob of the class > threshold)."""
     classes = jnp.arange(teacher_probs.shape[-1])
-    reliable = (labels[None] == classes[:, None, None, None]) & low[None]
+    reliable = (labels[None] == _per_class(classes, labels)) & low[None]
     return reliable, reliable & (jnp.moveaxis(teacher_probs, -1, 0) > threshold)
 
 
@@ -192,14 +197,14 @@ def bank_candidates(labels: jax.Array, teacher_probs: jax.Array, high: jax.Array
     fewer no rank reaches 3: the bank stays empty apart from rare unlabeled pixels.
     """
     classes = jnp.arange(teacher_probs.shape[-1])
-    uncertain = (labels[None] == classes[:, None, None, None]) & high[None]
+    uncertain = (labels[None] == _per_class(classes, labels)) & high[None]
     if negatives == "other_classes":
         return uncertain
     low_rank, high_rank = REFERENCE_BANK_RANKS
     ranks = class_ranks(teacher_probs)
     labeled = jnp.arange(labels.shape[0]) < num_labeled
-    class_mask = jnp.where(labeled[None, :, None, None],
-                           (ranks < low_rank) & (labels[None] != classes[:, None, None, None]),
+    class_mask = jnp.where(labeled.reshape((1, -1) + (1,) * (labels.ndim - 1)),
+                           (ranks < low_rank) & (labels[None] != _per_class(classes, labels)),
                            (ranks >= low_rank) & (ranks < high_rank))
     return uncertain & (jnp.moveaxis(teacher_probs, -1, 0) < REFERENCE_BANK_MAX_PROB) & class_mask
 
@@ -252,7 +257,7 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
     anchor_key, _, negative_key = _contrast_keys(key)
     classes = jnp.arange(num_classes)
     reliable, anchor_mask = anchor_masks(labels, low, teacher_probs, a.anchor_prob_threshold)
-    present = jnp.any(reliable, axis=(1, 2, 3))
+    present = jnp.any(reliable.reshape(num_classes, -1), axis=1)
 
     # Positives: mean teacher representation over each class's reliable pixels.
     region_sums, region_weights = fwd.head("teacher", "region_sums", *teacher,

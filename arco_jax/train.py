@@ -152,7 +152,8 @@ def make_streams(config: ml_collections.ConfigDict, data: registry.OpenDataset) 
     return pipeline.make_source_streams(
         *data.train_sources(), labeled_batch_size=d.batch_labeled, unlabeled_batch_size=d.batch_unlabeled,
         patch_size=tuple(d.patch_size), seed=config.seed, worker_count=d.num_workers,
-        fill_label=0 if d.ignore_label is None else d.ignore_label)
+        fill_label=0 if d.ignore_label is None else d.ignore_label,
+        augmentation=registry.info(config).weak_augment)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -389,6 +390,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                     best["step"], metric)
         best = None
     best = {"step": best["step"], key: best[key]} if best else {"step": None, key: None}
+    # A dataset without a val split (the LA benchmark's protocol: train, then test the last
+    # state) has no checkpoint selection: the test report is of the last state only.
+    validates = split_sizes["val"] > 0
+    if not validates:
+        log.info("no val cases: no checkpoint selection, the last state is tested")
 
     # Global steps [0, boundary) are stage 1 (relational pretraining), the rest stage 2 (ARCO).
     boundary = config.pretrain.steps
@@ -439,7 +445,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             _check_finite(config, state, workdir / "checkpoints")
             if last or step % t.log_every == 0:
                 metric_log.progress(step, {k: float(v) for k, v in parallel.fetch(metrics).items()}, stage)
-            if last or step % t.eval_every == 0:
+            if validates and (last or step % t.eval_every == 0):
                 measured = evaluator.run(predictors(state), data, "val").metrics
                 value = measured[metric]
                 metric_log.write({"split": "val", "step": step, "stage": stage, **measured})
@@ -471,7 +477,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                "sampler": config.arco.sampler, "strata": config.arco.strata, "evaluator": evaluator.name,
                **evaluator.results_fields, "best_val": best, "test": {}}
     tables = []
-    candidates = [("best", checkpoints.restore_best(state)), ("last", state)]
+    candidates = [("best", checkpoints.restore_best(state) if validates else None), ("last", state)]
     for name, candidate in candidates:
         if candidate is None:
             continue

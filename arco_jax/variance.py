@@ -387,7 +387,8 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
     prepare = jax.jit(functools.partial(contrast_inputs, config=config, nets=nets))
     statistics = {e.name: make_draw_statistics(config, nets, e) for e in estimators}
     count_anchors = jax.jit(lambda inputs: jnp.sum(anchor_masks(
-        inputs.labels, inputs.low, inputs.teacher_probs, config.arco.anchor_prob_threshold)[1], axis=(1, 2, 3)))
+        inputs.labels, inputs.low, inputs.teacher_probs, config.arco.anchor_prob_threshold)[1].reshape(
+            config.data.num_classes, -1), axis=1))
 
     base_key = jax.random.key(seed)
     per_batch = []

@@ -366,12 +366,16 @@ def test_random_similarity_3d_is_the_2d_similarity_in_plane_with_an_isotropic_sc
     assert np.all(np.abs(depth_shift) <= 0.1 + 1e-6) and depth_shift.std() > 0.03
 
 
-@pytest.mark.parametrize("shape", [(D3, H3, W3), (5, 7, 9), (2, 3, 3)])
-def test_cutmix_mask_3d_is_one_box_of_half_the_volume(shape):
+@pytest.mark.parametrize("shape", [(D3, H3, W3), (5, 7, 9), (2, 3, 3), (80, 16, 16)])
+def test_cutmix_mask_3d_is_the_reference_slab(shape):
+    """The reference's generate_cutout_mask_3d: the 2-D box of half the plane over a slab of
+    round(D/8) slices (10 of 80) starting in [0, D - 2 slab]."""
     depth, height, width = shape
     masks = np.asarray(jax.jit(augment.cutmix_mask, static_argnums=(1, 2, 3, 4))(
         jax.random.PRNGKey(5), 64, *shape))
     assert masks.shape == (64,) + shape
+    slab = augment.cutmix_slab(depth)
+    assert slab == {80: 10, 2: 1, 5: 1}.get(depth, slab)
     sides = []
     for mask in masks:
         extents = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
@@ -379,11 +383,13 @@ def test_cutmix_mask_3d_is_one_box_of_half_the_volume(shape):
         box_d, box_h, box_w = (len(e) for e in extents)
         assert mask.sum() == box_d * box_h * box_w  # one solid box
         assert all(e[-1] - e[0] + 1 == len(e) for e in extents)
-        assert width / 2 < box_w < width and height / 2 < box_h <= height and depth / 2 <= box_d <= depth
-        assert abs(box_d * box_h * box_w - depth * height * width / 2) <= box_h * box_w / 2
-        sides.append((box_d, box_h, box_w, extents[0][0], extents[1][0], extents[2][0]))
+        assert width / 2 < box_w < width and box_h == round(height * width / 2 / box_w) and box_d == slab
+        assert 0 <= extents[0][0] <= depth - 2 * slab
+        sides.append((box_h, box_w, extents[0][0], extents[1][0], extents[2][0]))
     if shape != (2, 3, 3):
         assert len(set(sides)) > 8  # sizes and positions actually vary
+    if depth == 80:
+        assert {s[2] for s in sides} <= set(range(61)) and max(s[2] for s in sides) > 40
 
 
 def test_cutmix_3d_pastes_the_partner_box_into_all_three_arrays():

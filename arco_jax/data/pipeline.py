@@ -75,12 +75,41 @@ def weak_augment(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, ..
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+def rot_flip_crop(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, ...],
+                  rng: np.random.Generator, fill_label: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """UA-MT's training view of an LA volume (RandomRotFlip, then RandomCrop), the same transform
+    on both arrays: image (*spatial, C) and label (*spatial), depth first.
+
+    rot90 in the image plane (the last two spatial axes) by a random k in 0..3 and a flip along a
+    random one of its two axes; then a random crop to patch_size. A sample not larger than the
+    patch in some axis is first padded on both sides of every axis by max((patch - size) // 2 + 3,
+    0) (zeros in the image, `fill_label` in the label), as the reference, so a crop always fits;
+    a crop starts at a uniform integer in [0, size - patch) (the reference's randint, which never
+    takes the last position).
+    """
+    rank = len(patch_size)
+    plane = (rank - 2, rank - 1)
+    k, axis = int(rng.integers(4)), int(rng.integers(2))
+    image = np.flip(np.rot90(image, k, axes=plane), plane[axis])
+    label = np.flip(np.rot90(label, k, axes=plane), plane[axis])
+    if any(s <= p for s, p in zip(label.shape, patch_size)):
+        pads = [max((p - s) // 2 + 3, 0) for s, p in zip(label.shape, patch_size)]
+        image = np.pad(image, [(q, q) for q in pads] + [(0, 0)] * (image.ndim - rank))
+        label = np.pad(label, [(q, q) for q in pads], constant_values=fill_label)
+    starts = [int(rng.integers(0, s - p)) for s, p in zip(label.shape, patch_size)]
+    window = tuple(slice(a, a + p) for a, p in zip(starts, patch_size))
+    return np.ascontiguousarray(image[window]), np.ascontiguousarray(label[window])
+
+
+WEAK_AUGMENTATIONS = {"resize_rotate": weak_augment, "rot_flip_crop": rot_flip_crop}
+
+
 def _augment_element(element: dict, rng: np.random.Generator, *, patch_size: tuple[int, ...],
-                     keep_label: bool, fill_label: int) -> dict:
+                     keep_label: bool, fill_label: int, augmentation: str = "resize_rotate") -> dict:
     image = element["image"]
     if image.ndim == len(patch_size):  # A single-channel image without its channel axis.
         image = image[..., None]
-    image, label = weak_augment(image, element["label"], patch_size, rng, fill_label)
+    image, label = WEAK_AUGMENTATIONS[augmentation](image, element["label"], patch_size, rng, fill_label)
     out = {"image": image.astype(np.float32)}
     if keep_label:
         out["label"] = label.astype(np.int32)
@@ -104,13 +133,17 @@ def make_stream(source: grain.sources.RandomAccessDataSource, *, global_batch_si
                 patch_size: tuple[int, ...], seed: int, stream: int = 0,
                 shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
                 read_threads: int = 2, prefetch_buffer: int = 4,
-                keep_label: bool = True, fill_label: int = 0) -> grain.IterDataset:
+                keep_label: bool = True, fill_label: int = 0,
+                augmentation: str = "resize_rotate") -> grain.IterDataset:
     """An infinite stream of per-process batches from one source of images (or volumes).
 
     Yields dict(image (b, *patch_size, C) float32[, label (b, *patch_size) int32]) with
     b = global_batch_size / shard.shard_count. `fill_label`: the label of pixels a rotation
-    brings in (the dataset's ignore label if it has one).
+    or padding brings in (the dataset's ignore label if it has one). `augmentation`: the weak
+    view, a key of WEAK_AUGMENTATIONS (the dataset's DatasetInfo.weak_augment).
     """
+    if augmentation not in WEAK_AUGMENTATIONS:
+        raise ValueError(f"augmentation {augmentation!r} is not one of {', '.join(WEAK_AUGMENTATIONS)}")
     shard = shard if shard is not None else grain.sharding.ShardByJaxProcess()
     if global_batch_size % shard.shard_count:
         raise ValueError(f"global batch {global_batch_size} is not divisible by "
@@ -121,7 +154,7 @@ def make_stream(source: grain.sources.RandomAccessDataSource, *, global_batch_si
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     shuffle_seed, augment_seed = stream_seeds(seed, stream)
     augment = functools.partial(_augment_element, patch_size=tuple(patch_size),
-                                keep_label=keep_label, fill_label=fill_label)
+                                keep_label=keep_label, fill_label=fill_label, augmentation=augmentation)
     ds = (grain.MapDataset.source(source)
           .shuffle(seed=shuffle_seed)
           .repeat()
@@ -171,12 +204,14 @@ class TrainStreams:
 def make_source_streams(labeled_source, unlabeled_source, *, labeled_batch_size: int,
                         unlabeled_batch_size: int, patch_size: tuple[int, ...], seed: int,
                         shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
-                        unlabeled_with_labels: bool = False, fill_label: int = 0) -> TrainStreams:
+                        unlabeled_with_labels: bool = False, fill_label: int = 0,
+                        augmentation: str = "resize_rotate") -> TrainStreams:
     """Labeled and unlabeled streams over two random-access sources of slices (any of
     `arco_jax.data.datasets`). Batch sizes are global (over all processes); each process gets
     its share. The streams use independent seeds derived from `seed`. Unlabeled batches carry
     no label unless `unlabeled_with_labels` (for diagnostics only)."""
-    common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count, fill_label=fill_label)
+    common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count, fill_label=fill_label,
+                  augmentation=augmentation)
     labeled = make_stream(labeled_source, global_batch_size=labeled_batch_size, stream=0, **common)
     unlabeled = make_stream(unlabeled_source, global_batch_size=unlabeled_batch_size, stream=1,
                             keep_label=unlabeled_with_labels, **common)

@@ -36,6 +36,7 @@ from arco_jax.errors import ConfigError
 # Metadata fields a resolved config carries under config.data (declared by the dataset).
 METADATA_FIELDS = ("num_classes", "class_names", "ignore_label", "spatial_rank", "in_channels")
 EVAL_UNITS = ("volume", "image")
+WEAK_AUGMENTATIONS = ("resize_rotate", "rot_flip_crop")  # implemented in data/pipeline.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,9 @@ class DatasetInfo:
     in_channels: channels of an input image (last axis).
     has_spacing: evaluation cases may carry a voxel spacing in mm.
     eval_unit: 'volume' (a stack of slices or a 3-D volume per case) or 'image'.
+    weak_augment: the per-sample training view (data/pipeline.py WEAK_AUGMENTATIONS):
+      'resize_rotate' (SSL4MIS 2-D: resize to the patch, rot90/flip or a small rotation) or
+      'rot_flip_crop' (UA-MT's LA volumes: in-plane rot90 and flip, then a random crop).
     """
 
     num_classes: int
@@ -58,6 +62,7 @@ class DatasetInfo:
     in_channels: int = 1
     has_spacing: bool = False
     eval_unit: str = "volume"
+    weak_augment: str = "resize_rotate"
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -73,6 +78,8 @@ class DatasetInfo:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if self.eval_unit not in EVAL_UNITS:
             raise ValueError(f"eval_unit must be one of {EVAL_UNITS}, got {self.eval_unit!r}")
+        if self.weak_augment not in WEAK_AUGMENTATIONS:
+            raise ValueError(f"weak_augment must be one of {WEAK_AUGMENTATIONS}, got {self.weak_augment!r}")
 
 
 @dataclasses.dataclass(frozen=True)
