@@ -127,6 +127,7 @@ class DatasetSpec:
 # Datasets shipped with arco_jax, imported when first asked for ("module:attribute").
 _BUILTIN = {
     "acdc": "arco_jax.data.ssl4mis_datasets:ACDC",
+    "la": "arco_jax.data.la:LA",
     "phantom": "arco_jax.data.ssl4mis_datasets:PHANTOM",
 }
 _REGISTERED: dict[str, DatasetSpec] = {}

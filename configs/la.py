@@ -1,0 +1,53 @@
+"""ARCO on the Left Atrium (2018 Atrial Segmentation Challenge, the UA-MT processed set: 80
+training and 20 test volumes), the reference's 3-D settings (train_arco_3d.py):
+
+  python -m arco_jax.main --config=configs/la.py --workdir=runs/la_sag_4 \
+      --config.data.data_dir=/path/to/UA-MT/data --config.data.labeled_cases=4
+
+data_dir holds `2018LA_Seg_Training Set/<case>/mri_norm2.h5`, `train.list` and `test.list`;
+the labeled set is the first labeled_cases lines of train.list (the paper: 1, 4, 8), the rest
+of train.list is unlabeled, and the last state is tested on test.list by sliding windows (the
+reference has no validation split; --config.data.val_cases=N holds out the last N training
+cases for checkpoint selection).
+
+Settings as the reference: VNet (16 filters) with its 16-d representation head; patches of
+112 x 112 x 80 voxels, (80, 112, 112) here (depth first), from an in-plane rot90 + flip and a
+random crop; batches of 4 labeled + 4 unlabeled volumes; 6000 iterations of SGD (lr 0.01,
+Nesterov momentum 0.9, weight decay 1e-4, poly decay); EMA teacher 0.99; 256 anchors and 512
+negatives per class, temperature 0.5; ARCO-SAG, the reference's 3-D default; CutMix of an
+in-plane box of half the area over a slab of 10 slices; test windows (80, 112, 112) every
+(4, 18, 18) voxels. With two classes the reference's U2PL negative bank stays empty (its rank
+rule needs 3 or more classes), so the negatives are the other class's bank (arco.negatives
+'other_classes', as every config here). The reference starts from a stage-1 (pretrain_3D.py)
+checkpoint; the 3-D stage 1 is not built yet, so this config trains stage 2 from scratch.
+
+Method presets come in a config string after ':' as for configs/acdc.py:
+
+  --config=configs/la.py:method=supervised      (the labeled-only VNet)
+
+Published (paper Table 9, Dice %): ARCO-SG 75.0 / 87.8 / 89.9 and ARCO-SAG 73.2 / 86.9 / 89.1 at
+1 / 4 / 8 labeled cases; VNet labeled-only 40.0 / 52.6 / 82.7; all labels 91.5.
+"""
+import ml_collections
+
+from arco_jax import methods
+from arco_jax.config import base_config
+from arco_jax.data import registry
+
+
+def get_config(config_string: str | None = None):
+    config = base_config()
+    registry.select(config, "la")
+    config.model.name = "vnet"
+    config.model.vnet = ml_collections.ConfigDict({"n_filters": 16, "dropout": True})
+    config.model.rep_dim = 16  # the reference's FeatureExtractor_3d(output_dim=16)
+    d = config.data
+    d.patch_size = (80, 112, 112)
+    d.batch_labeled = d.batch_unlabeled = 4
+    config.train.steps = 6000
+    config.pretrain.steps = 0
+    config.eval.window = (80, 112, 112)
+    config.eval.stride = (4, 18, 18)
+    config.arco.remat_student = True  # 3-D passes are large: recompute rather than keep them
+    methods.apply_method(config, "arco_sag")
+    return methods.apply_config_string(config, config_string)
