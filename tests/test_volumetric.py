@@ -73,7 +73,7 @@ def blobs_registered():
     registry.unregister(BLOBS.name)
 
 
-def blobs_config(steps: int = 2) -> ml_collections.ConfigDict:
+def blobs_config(steps: int = 1) -> ml_collections.ConfigDict:
     c = base_config()
     registry.select(c, BLOBS.name)
     c.model.name = "vnet"
@@ -87,7 +87,7 @@ def blobs_config(steps: int = 2) -> ml_collections.ConfigDict:
     c.train.steps = steps
     c.train.log_every = c.train.eval_every = c.train.checkpoint_every = steps
     c.eval.stride = (8, 16, 16)
-    c.eval.window_batch_size = 2
+    c.eval.window_batch_size = 4
     return c
 
 

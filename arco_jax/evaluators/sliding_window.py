@@ -33,10 +33,10 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from arco_jax import evaluation, parallel
-from arco_jax.data.registry import OpenDataset, iterate_cases
+from arco_jax import parallel
+from arco_jax.data.registry import OpenDataset
 from arco_jax.errors import ConfigError
-from arco_jax.evaluators import EvalResult, Predict, my_indices
+from arco_jax.evaluators import EvalResult, Predict
 from arco_jax.evaluators.volumes import DISTANCE_UNITS, VolumeSlices
 
 log = logging.getLogger("arco_jax")
@@ -206,6 +206,7 @@ class SlidingWindow(VolumeSlices):
                                "largest_component": self.keep_largest_component}
         self.padded_cases: dict[str, dict] = {}  # split -> {case: shape} of the last run
         self._warned: set[str] = set()
+        self._padded_here: dict[str, list] = {}  # this process's padded cases of the current run
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -238,38 +239,25 @@ class SlidingWindow(VolumeSlices):
         if not isinstance(e.largest_component, bool):
             raise ConfigError(f"config.eval.largest_component: must be True or False, got {e.largest_component!r}")
 
-    def predict_case(self, predict: Predict, image: np.ndarray) -> np.ndarray:
-        return predict_labels(predict, image, self.window, self.stride, self.window_batch_size,
+    def predict_case(self, predict: Predict, case) -> np.ndarray:
+        """The label map of one case by sliding windows; a case smaller than the window is noted."""
+        spatial = tuple(np.shape(case.label))
+        if np.shape(case.image)[:len(spatial)] != spatial or len(spatial) != len(self.window):
+            raise ValueError(f"case {case.case}: image {np.shape(case.image)} and label {spatial} are "
+                             f"not one (D, H, W[, C]) volume and its (D, H, W) labels")
+        if any(s < w for s, w in zip(spatial, self.window)):
+            self._padded_here[case.case] = list(spatial)
+        return predict_labels(predict, case.image, self.window, self.stride, self.window_batch_size,
                               self.keep_largest_component)
 
     def per_case(self, predict: Predict, data: OpenDataset, split: str) -> tuple[dict, dict]:
-        """(classes, 4) metric rows of every case of the split, gathered from all processes:
-        (in voxels, in mm for the cases that have a spacing when distances_in_mm is on)."""
+        """VolumeSlices.per_case with these predictions, and the padded cases gathered and said once."""
+        self._padded_here = {}
+        rows, rows_mm = super().per_case(predict, data, split)
+        gathered_padded = {}
+        for text in parallel.gather_text(json.dumps(self._padded_here)):
+            gathered_padded.update(json.loads(text))
         cases = data.cases(split)
-        mine, mine_mm, padded = {}, {}, {}
-        for case in iterate_cases(data, split, my_indices(len(cases))):
-            spatial = tuple(np.shape(case.label))
-            if np.shape(case.image)[:len(spatial)] != spatial or len(spatial) != len(self.window):
-                raise ValueError(f"{split} case {case.case}: image {np.shape(case.image)} and label {spatial} are "
-                                 f"not one (D, H, W[, C]) volume and its (D, H, W) labels")
-            if any(s < w for s, w in zip(spatial, self.window)):
-                padded[case.case] = list(spatial)
-            pred = self.predict_case(predict, case.image)
-            mine[case.case] = evaluation.evaluate_volume(pred, case.label, self.num_classes,
-                                                         empty_policy=self.empty_policy,
-                                                         ignore_label=self.ignore_label)
-            if self.distances_in_mm and case.spacing is not None:
-                mine_mm[case.case] = evaluation.evaluate_volume(pred, case.label, self.num_classes, case.spacing,
-                                                                empty_policy=self.empty_policy,
-                                                                ignore_label=self.ignore_label)
-        gathered, gathered_mm, gathered_padded = {}, {}, {}
-        payload = json.dumps([{k: np.asarray(v).tolist() for k, v in rows.items()} for rows in (mine, mine_mm)]
-                             + [padded])
-        for text in parallel.gather_text(payload):  # JSON keeps float64 exactly (and NaN/inf)
-            voxel, mm, small = json.loads(text)
-            gathered.update(voxel)
-            gathered_mm.update(mm)
-            gathered_padded.update(small)
         self.padded_cases[split] = {c: gathered_padded[c] for c in cases if c in gathered_padded}
         if self.padded_cases[split] and split not in self._warned and parallel.is_main_process():
             self._warned.add(split)
@@ -277,10 +265,7 @@ class SlidingWindow(VolumeSlices):
             log.warning("%d of %d %s volumes are smaller than the window %s in some axis and were zero-padded "
                         "symmetrically (predictions cropped back): %s", len(self.padded_cases[split]), len(cases),
                         split, self.window, listed)
-        def rows(found: dict) -> dict:
-            return {c: np.asarray(found[c], np.float64) for c in cases if c in found}
-
-        return rows(gathered), rows(gathered_mm)
+        return rows, rows_mm
 
     def run(self, predict: Predict, data: OpenDataset, split: str) -> EvalResult:
         result = super().run(predict, data, split)

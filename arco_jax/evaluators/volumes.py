@@ -46,14 +46,17 @@ class VolumeSlices:
             raise ConfigError(f"config.eval.type: 'volume_slices' predicts 2-D slices; this dataset's samples are "
                               f"{config.data.spatial_rank}-D (use a 3-D evaluator)")
 
+    def predict_case(self, predict: Predict, case) -> np.ndarray:
+        """The label map of one case (here: slice by slice, as SSL4MIS)."""
+        return evaluation.predict_volume(predict, case.image, self.patch_size, slice_batch_size=self.slice_batch_size)
+
     def per_case(self, predict: Predict, data: OpenDataset, split: str) -> tuple[dict, dict]:
         """(classes, 4) metric rows of every case of the split, gathered from all processes:
         (in voxels, in mm for the cases that have a spacing when distances_in_mm is on)."""
         cases = data.cases(split)
         mine, mine_mm = {}, {}
         for case in iterate_cases(data, split, my_indices(len(cases))):
-            pred = evaluation.predict_volume(predict, case.image, self.patch_size,
-                                             slice_batch_size=self.slice_batch_size)
+            pred = self.predict_case(predict, case)
             mine[case.case] = evaluation.evaluate_volume(pred, case.label, self.num_classes,
                                                          empty_policy=self.empty_policy,
                                                          ignore_label=self.ignore_label)

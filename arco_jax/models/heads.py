@@ -50,8 +50,8 @@ def align_corners_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndar
     return lo, hi, frac
 
 
-def _lerp_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-    """Linear interpolation along one axis: two row gathers and a weighted sum."""
+def lerp_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+    """align_corners=True linear interpolation along one axis: two row gathers and a weighted sum."""
     if x.shape[axis] == out_size:
         return x
     lo, hi, frac = align_corners_taps(x.shape[axis], out_size)
@@ -75,7 +75,7 @@ def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Ar
     """
     if x.ndim != 4:
         raise ValueError(f"resize expects NHWC (B, H, W, C), got shape {x.shape}")
-    return _lerp_axis(_lerp_axis(x, 1, size[0]), 2, size[1])
+    return lerp_axis(lerp_axis(x, 1, size[0]), 2, size[1])
 
 
 def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arco_jax.models.heads import align_corners_matrix, align_corners_taps
+from arco_jax.models.heads import align_corners_matrix, align_corners_taps, lerp_axis
 from arco_jax.models.unet import uniform_fan_in
 
 Dtype = Any
@@ -46,21 +46,6 @@ def vnet_level_dims(n_filters: int) -> tuple[int, ...]:
     return (8 * n_filters, 4 * n_filters, 2 * n_filters, n_filters, n_filters)
 
 
-def _lerp_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-    """align_corners=True linear interpolation along one axis from two gathered neighbours."""
-    if x.shape[axis] == out_size:
-        return x
-    lo, hi, frac = align_corners_taps(x.shape[axis], out_size)
-    weight_shape = [1] * x.ndim
-    weight_shape[axis] = out_size
-    frac = jnp.asarray(frac, x.dtype).reshape(weight_shape)
-
-    def rows(index: np.ndarray) -> jax.Array:
-        return jnp.take(x, index, axis=axis, mode="clip", indices_are_sorted=True)
-
-    return rows(lo) * (1 - frac) + rows(hi) * frac
-
-
 def resize_trilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
     """Trilinear resize of (B, D, H, W, C) `x` to `size` = (D, H, W), like PyTorch's
     align_corners=True; separable, one axis at a time (see heads.resize_bilinear_align_corners
@@ -68,7 +53,7 @@ def resize_trilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Arr
     if x.ndim != 5:
         raise ValueError(f"trilinear resize expects (B, D, H, W, C), got shape {x.shape}")
     for axis, out_size in enumerate(size, start=1):
-        x = _lerp_axis(x, axis, out_size)
+        x = lerp_axis(x, axis, out_size)
     return x
 
 
