@@ -27,7 +27,7 @@ import importlib
 import ml_collections
 
 from arco_jax.methods.base import InitOutputs, Method, StepFn  # noqa: F401  (the interface)
-from arco_jax.methods.presets import (ARCO_WEIGHTS, BASELINE_SUP_WEIGHT, CONFIG_STRING_KEYS,  # noqa: F401
+from arco_jax.methods.presets import (ARCO_TERMS, ARCO_WEIGHTS, BASELINE_SUP_WEIGHT, CONFIG_STRING_KEYS,  # noqa: F401
                                       METHOD_NAMES, METHODS, UNLABELED_TERMS, VARIANT_NAMES, VARIANTS,
                                       apply_config_string, apply_method, apply_variant, get_field,
                                       method_conflicts, method_names, parse_config_string, set_field,
@@ -44,7 +44,6 @@ _BUILTIN = {
 _RUNS = {"supervised": "supervised", "mean_teacher": "mean_teacher", "arco_ns": "arco", "arco_sg": "arco",
          "arco_sag": "arco"}
 _REGISTERED: dict[str, Method] = {}
-ARCO_TERMS = ("unsup", "contrast", "eqv", "nn")  # the terms only the ARCO method computes
 
 
 def register(method: Method, *, preset: dict | None = None, replace: bool = False) -> Method:

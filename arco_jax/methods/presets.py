@@ -45,7 +45,8 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 VARIANT_NAMES = (*VARIANTS, "custom")
 
-UNLABELED_TERMS = ("unsup", "contrast", "eqv", "nn", "consistency")
+ARCO_TERMS = ("unsup", "contrast", "eqv", "nn")  # the unlabeled terms only ARCO computes
+UNLABELED_TERMS = ARCO_TERMS + ("consistency",)
 ARCO_WEIGHTS = {"sup": 1.0, "unsup": 1.0, "contrast": 0.01, "eqv": 1.0, "nn": 1.0, "consistency": 0.0}
 # SSL4MIS trains its baselines on 0.5 (CE + Dice); consistency 0.1, ramped over the whole run
 # (200 'epochs' of 150 iterations = 30000 of 30000) after 1000 iterations without it.
@@ -73,7 +74,7 @@ def method_names() -> tuple[str, ...]:
 # and the sampler (None: any).
 _METHOD_RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str | None]] = {
     "supervised": (UNLABELED_TERMS, (), None),
-    "mean_teacher": (("unsup", "contrast", "eqv", "nn"), ("consistency",), None),
+    "mean_teacher": (ARCO_TERMS, ("consistency",), None),
     "arco_ns": (("consistency",), (), "uniform"),
     "arco_sg": (("consistency",), (), "sg"),
     "arco_sag": (("consistency",), (), "sag"),
