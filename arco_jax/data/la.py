@@ -188,12 +188,17 @@ def _pluralize(count: int, word: str) -> str:
 
 
 class LADataset:
-    """The LA folder opened for one run: lists read, every listed file's metadata checked."""
+    """An LA-layout folder opened for one run: lists read, every listed file's metadata checked.
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    root: the folder (default config.data.data_dir; the built-in 3-D phantom passes its cache)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, root: str | os.PathLike | None = None):
         d = config.data
-        _check_fields(config)
-        self.root = Path(d.data_dir)
+        if root is None:
+            _check_fields(config)
+        else:
+            check_counts(config)
+        self.root = Path(d.data_dir if root is None else root)
         lists = {}
         for list_name in (TRAIN_LIST, TEST_LIST):
             path = self.root / list_name
@@ -252,6 +257,16 @@ def _check_bounds(labeled: int, val: int, train_count: int, train_list: Path) ->
               f"val_cases holds out {val} and at least one must stay unlabeled")
 
 
+def check_counts(config: ml_collections.ConfigDict) -> None:
+    """labeled_cases and val_cases are integers in range (their bound on train.list is checked
+    when the list is read)."""
+    d = config.data
+    if not (_is_int(d.val_cases) and d.val_cases >= 0):
+        _fail("val_cases", f"must be an integer >= 0 (0: no val split, as the reference), got {d.val_cases!r}")
+    if not (_is_int(d.labeled_cases) and d.labeled_cases >= 1):
+        _fail("labeled_cases", f"must be an integer >= 1 (the paper's settings: 1, 4, 8), got {d.labeled_cases!r}")
+
+
 def _check_fields(config: ml_collections.ConfigDict) -> None:
     d = config.data
     if not d.data_dir:
@@ -262,10 +277,7 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
               "machine's disk first")
     if not os.path.isdir(d.data_dir):
         _fail("data_dir", f"{d.data_dir!r} is missing or not a directory")
-    if not (_is_int(d.val_cases) and d.val_cases >= 0):
-        _fail("val_cases", f"must be an integer >= 0 (0: no val split, as the reference), got {d.val_cases!r}")
-    if not (_is_int(d.labeled_cases) and d.labeled_cases >= 1):
-        _fail("labeled_cases", f"must be an integer >= 1 (the paper's settings: 1, 4, 8), got {d.labeled_cases!r}")
+    check_counts(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
