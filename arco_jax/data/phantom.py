@@ -17,11 +17,7 @@ numpy generator seeded by (seed, patient number), so adding patients never chang
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -29,10 +25,12 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
+from arco_jax.data import generated
+from arco_jax.data.generated import MARKER_FILE, default_cache_dir, read_marker  # noqa: F401 (public names)
+
 GENERATOR_VERSION = 1
 CLASS_NAMES = ("background", "RV", "myocardium", "LV")
 NUM_CLASSES = len(CLASS_NAMES)
-MARKER_FILE = "phantom.json"
 SPLIT_NAMES = ("train", "val", "test")
 # SSL4MIS names the end-diastolic frame01 and the end-systolic frame02.
 FRAME_NAMES = ("frame01", "frame02")
@@ -74,8 +72,7 @@ class PhantomConfig:
 
     def fingerprint(self) -> str:
         """Short hash naming the cache directory; includes the generator version."""
-        blob = json.dumps({"version": GENERATOR_VERSION, **self.to_json()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return generated.fingerprint(GENERATOR_VERSION, self.to_json())
 
 
 def patient_name(number: int) -> str:
@@ -367,38 +364,15 @@ def _resolve_config(config: PhantomConfig | None, params: dict) -> PhantomConfig
 
 def write_phantom_dataset(root: str | os.PathLike, config: PhantomConfig | None = None,
                           **params) -> Path:
-    """Writes the phantom to `root` in the SSL4MIS layout; all or nothing.
+    """Writes the phantom to `root` in the SSL4MIS layout; all or nothing (generated.write_once).
 
-    Files go to a temporary sibling directory that is renamed to `root` only when complete, so
-    an interrupted run never leaves a half dataset. `params` are PhantomConfig fields (used
-    when no config is given). Raises FileExistsError if root exists.
+    `params` are PhantomConfig fields (used when no config is given). Raises FileExistsError
+    if root exists.
     """
     config = _resolve_config(config, params)
-    root = Path(root)
-    if root.exists():
-        raise FileExistsError(f"{root} already exists; the phantom writer never overwrites")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
-        counts = _write_layout(staging, config)
-        marker = {"generator": "arco_jax.data.phantom", "generator_version": GENERATOR_VERSION,
-                  "config": config.to_json(), "class_names": list(CLASS_NAMES), **counts}
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        os.rename(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return root
-
-
-def read_marker(root: str | os.PathLike) -> dict | None:
-    """The metadata json of a phantom directory, or None when root holds no phantom."""
-    path = Path(root) / MARKER_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ARCO_JAX_CACHE", Path.home() / ".cache" / "arco_jax"))
+    marker = {"generator": "arco_jax.data.phantom", "generator_version": GENERATOR_VERSION,
+              "config": config.to_json(), "class_names": list(CLASS_NAMES)}
+    return generated.write_once(root, lambda staging: _write_layout(staging, config), marker)
 
 
 def ensure_phantom(cache_dir: str | os.PathLike | None = None,
@@ -411,17 +385,6 @@ def ensure_phantom(cache_dir: str | os.PathLike | None = None,
     """
     config = _resolve_config(config, params)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = cache / f"phantom-{config.fingerprint()}"
-    if not root.exists():
-        try:
-            write_phantom_dataset(root, config)
-        except OSError:
-            if not root.exists():  # a real failure, not a lost race
-                raise
-    marker = read_marker(root)
-    if (marker is None or marker.get("generator_version") != GENERATOR_VERSION
-            or marker.get("config") != config.to_json()):
-        raise FileExistsError(
-            f"{root} exists but its {MARKER_FILE} does not match {config}; delete the directory "
-            "to regenerate it")
-    return root
+    return generated.ensure(cache / f"phantom-{config.fingerprint()}",
+                            lambda root: write_phantom_dataset(root, config),
+                            GENERATOR_VERSION, config.to_json(), str(config))
