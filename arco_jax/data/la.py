@@ -28,22 +28,31 @@ The unlabeled source keeps each volume's label because the pipeline's weak augme
 transforms image and label together; the training streams drop it (make_source_streams:
 unlabeled batches carry no label unless asked for diagnostics).
 
+Two sources hold the same cases (config.data.source): 'h5', the UA-MT folder above, or 'tfds',
+the array_record folder that `arco_jax.data.tfds_la` builds from it (volumes already depth first,
+records in list order; read without TensorFlow). Only where the case ids and volumes come from
+differs (H5Store, tfds_la.TfdsStore); the splits are made once, in LADataset, so both give the
+same labeled, unlabeled, val and test cases.
+
 Checks, each a one-line error naming the field or the file (ConfigError for config.data fields,
 DataError for files), all before training starts:
-  validate  data_dir given and a local directory; labeled_cases an integer in
-            1 .. len(train.list) - val_cases - 1 (one unlabeled case at least); val_cases >= 0.
-            Reads train.list (a short text file) and nothing else.
-  open      both lists present and non-empty, no case twice in a list nor in both; every listed
-            case's folder and mri_norm2.h5 present, holding 3-D `image` and `label` datasets of
-            one shape: read from the HDF5 metadata only, no voxel is read (about 100 small opens).
+  validate  source 'h5' or 'tfds'; data_dir given and a local directory; labeled_cases an integer
+            in 1 .. len(train.list) - val_cases - 1 (one unlabeled case at least); val_cases >= 0.
+            Reads train.list (a short text file), or the TFDS folder's metadata, and nothing else.
+  open      h5: both lists present and non-empty, no case twice in a list nor in both; every
+            listed case's folder and mri_norm2.h5 present, holding 3-D `image` and `label`
+            datasets of one shape: read from the HDF5 metadata only, no voxel is read (about 100
+            small opens). tfds: the prepared folder, its splits and case lists (JSON only).
   reading   the voxels are checked when a case is read (by the training sources or the
-            evaluators): a numeric finite image, a label with values in {0, 1} only. Reading
-            every volume at open time (about 9 MB each, gzip) would cost seconds to minutes per
-            start for a check that reading does anyway.
+            evaluators): a numeric finite image, a label with values in {0, 1} only (tfds: when
+            the records were built; reading checks that a record is the list line expected).
+            Reading every volume at open time (about 9 MB each, gzip) would cost seconds to
+            minutes per start for a check that reading does anyway.
 
 Its config.data fields:
   labeled_cases   K, default 4
   val_cases       N, default 0
+  source          'h5' (default) or 'tfds' (data_dir is then the TFDS data folder)
 """
 from __future__ import annotations
 
@@ -67,6 +76,7 @@ CLASS_NAMES = ("left atrium",)
 INFO = registry.DatasetInfo(num_classes=2, class_names=CLASS_NAMES, ignore_label=None, spatial_rank=3,
                             in_channels=1, has_spacing=False, eval_unit="volume", weak_augment="rot_flip_crop")
 SPLITS = ("val", "test")
+SOURCES = ("h5", "tfds")
 _MAX_SHOWN_VALUES = 5
 
 
@@ -187,73 +197,133 @@ def _pluralize(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
-class LADataset:
-    """An LA-layout folder opened for one run: lists read, every listed file's metadata checked.
+def read_lists(root: Path) -> dict[str, list[tuple[int, str]]]:
+    """train.list and test.list of a UA-MT folder: {list name: (line, case) entries}, checked for
+    a case listed twice and for a test case that is also a training case."""
+    lists = {}
+    for list_name in (TRAIN_LIST, TEST_LIST):
+        path = root / list_name
+        entries = read_list(path)
+        first_line: dict[str, int] = {}
+        for number, case in entries:
+            if case in first_line:
+                raise DataError(f"{path} line {number}: case {case!r} is listed again (first at line "
+                                f"{first_line[case]})")
+            first_line[case] = number
+        lists[list_name] = entries
+    train_lines = {case: number for number, case in lists[TRAIN_LIST]}
+    for number, case in lists[TEST_LIST]:
+        if case in train_lines:
+            raise DataError(f"{root / TEST_LIST} line {number}: case {case!r} is also in {root / TRAIN_LIST} "
+                            f"(line {train_lines[case]}): test cases must not be trained on")
+    return lists
 
-    root: the folder (default config.data.data_dir; the built-in 3-D phantom passes its cache)."""
+
+class H5Store:
+    """The cases of a UA-MT folder (lists read, every listed file's metadata checked): where an h5
+    run's case ids and volumes come from. tfds_la.TfdsStore is the same for the TFDS form.
+
+    A store has train_cases and test_cases (list order), train_where (the train list, for
+    errors), kind (for the log), read(split, index) -> (image float32, label uint8), both
+    (D, H, W), and source(split, positions) -> a Grain source of those volumes.
+    """
+
+    kind = "UA-MT layout"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        lists = read_lists(self.root)
+        for list_name, entries in lists.items():
+            for number, case in entries:
+                _check_metadata(self.root, self.root / list_name, number, case)
+        self._cases = {"train": [case for _, case in lists[TRAIN_LIST]],
+                       "test": [case for _, case in lists[TEST_LIST]]}
+        self.train_where = str(self.root / TRAIN_LIST)
+
+    @property
+    def train_cases(self) -> list[str]:
+        return list(self._cases["train"])
+
+    @property
+    def test_cases(self) -> list[str]:
+        return list(self._cases["test"])
+
+    def read(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return read_volume(volume_path(self.root, self._cases[split][index]))
+
+    def source(self, split: str, positions: range) -> VolumeSource:
+        return VolumeSource(self.root, [self._cases[split][i] for i in positions])
+
+
+def open_store(config: ml_collections.ConfigDict):
+    """The store config.data.source names (tensorflow_datasets is imported for 'tfds' only)."""
+    d = config.data
+    if d.source == "tfds":
+        from arco_jax.data import tfds_la  # pylint: disable=import-outside-toplevel
+
+        return tfds_la.TfdsStore(d.data_dir)
+    return H5Store(d.data_dir)
+
+
+class LADataset:
+    """The LA cases opened for one run and split into labeled / unlabeled / val / test (here
+    only, whichever store they come from).
+
+    root: a UA-MT folder read as 'h5' (the built-in 3-D phantom passes its cache); default:
+    config.data.data_dir in config.data.source's form."""
 
     def __init__(self, config: ml_collections.ConfigDict, root: str | os.PathLike | None = None):
         d = config.data
         if root is None:
             _check_fields(config)
+            store = open_store(config)
         else:
             check_counts(config)
+            store = H5Store(root)
         self.root = Path(d.data_dir if root is None else root)
-        lists = {}
-        for list_name in (TRAIN_LIST, TEST_LIST):
-            path = self.root / list_name
-            entries = read_list(path)
-            first_line: dict[str, int] = {}
-            for number, case in entries:
-                if case in first_line:
-                    raise DataError(f"{path} line {number}: case {case!r} is listed again (first at line "
-                                    f"{first_line[case]})")
-                first_line[case] = number
-            lists[list_name] = entries
-        train_lines = {case: number for number, case in lists[TRAIN_LIST]}
-        for number, case in lists[TEST_LIST]:
-            if case in train_lines:
-                raise DataError(f"{self.root / TEST_LIST} line {number}: case {case!r} is also in "
-                                f"{self.root / TRAIN_LIST} (line {train_lines[case]}): test cases must not be "
-                                "trained on")
-        _check_bounds(d.labeled_cases, d.val_cases, len(lists[TRAIN_LIST]), self.root / TRAIN_LIST)
-        for list_name, entries in lists.items():
-            for number, case in entries:
-                _check_metadata(self.root, self.root / list_name, number, case)
-
-        train = [case for _, case in lists[TRAIN_LIST]]
+        self.store = store
+        train, test = store.train_cases, store.test_cases
         k, n = d.labeled_cases, d.val_cases
-        pool = train[:len(train) - n]
-        self.labeled_cases, self.unlabeled_cases = pool[:k], pool[k:]
-        self._cases = {"val": train[len(train) - n:], "test": [case for _, case in lists[TEST_LIST]]}
+        _check_bounds(k, n, len(train), store.train_where)
+        end = len(train) - n
+        # (store split, positions) of each part: the one place the splits are made.
+        self._parts = {"labeled": ("train", range(k)), "unlabeled": ("train", range(k, end)),
+                       "val": ("train", range(end, len(train))), "test": ("test", range(len(test)))}
+        self._names = {"train": train, "test": test}
+        self.labeled_cases, self.unlabeled_cases = self._part_cases("labeled"), self._part_cases("unlabeled")
         self.labeled_count = k
         self.labeled_description = f"{_pluralize(k, 'labeled case')} (first {k} of {TRAIN_LIST})"
         self.labeled_record = {"labeled_cases": k, "labeled_case_ids": list(self.labeled_cases)}
         val = f", the last {n} held out for val" if n else ", no val split"
-        self.description = (f"{self.root} (LA, UA-MT layout: {len(train)} train cases{val}; "
-                            f"{len(self._cases['test'])} test cases)")
+        self.description = (f"{self.root} (LA, {store.kind}: {len(train)} train cases{val}; "
+                            f"{len(test)} test cases)")
 
     def __str__(self) -> str:
         return self.description
 
-    def train_sources(self) -> tuple[VolumeSource, VolumeSource]:
-        return VolumeSource(self.root, self.labeled_cases), VolumeSource(self.root, self.unlabeled_cases)
+    def _part_cases(self, part: str) -> list[str]:
+        store_split, positions = self._parts[part]
+        return [self._names[store_split][i] for i in positions]
+
+    def train_sources(self):
+        return tuple(self.store.source(*self._parts[part]) for part in ("labeled", "unlabeled"))
 
     def cases(self, split: str) -> list[str]:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return list(self._cases[split])
+        return self._part_cases(split)
 
     def case(self, split: str, index: int) -> registry.Case:
         case = self.cases(split)[index]
-        image, label = read_volume(volume_path(self.root, case))
+        store_split, positions = self._parts[split]
+        image, label = self.store.read(store_split, positions[index])
         return registry.Case(case, image, label, spacing=None)
 
 
-def _check_bounds(labeled: int, val: int, train_count: int, train_list: Path) -> None:
+def _check_bounds(labeled: int, val: int, train_count: int, train_where: str | Path) -> None:
     most = train_count - val - 1
     if not 1 <= labeled <= most:
-        _fail("labeled_cases", f"{labeled} is not in 1..{most}: {train_list} has {train_count} cases, "
+        _fail("labeled_cases", f"{labeled} is not in 1..{most}: {train_where} has {train_count} cases, "
               f"val_cases holds out {val} and at least one must stay unlabeled")
 
 
@@ -269,23 +339,34 @@ def check_counts(config: ml_collections.ConfigDict) -> None:
 
 def _check_fields(config: ml_collections.ConfigDict) -> None:
     d = config.data
+    if d.source not in SOURCES:
+        _fail("source", f"{d.source!r} is not one of {', '.join(map(repr, SOURCES))}")
+    tfds = d.source == "tfds"
     if not d.data_dir:
-        _fail("data_dir", f"is required for dataset {NAME!r} (the UA-MT data/ folder with {TRAIN_LIST}, "
-              f"{TEST_LIST} and '{CASE_DIR}')")
+        what = ("the TFDS data folder given to `python -m arco_jax.data.tfds_la --data_dir`" if tfds else
+                f"the UA-MT data/ folder with {TRAIN_LIST}, {TEST_LIST} and '{CASE_DIR}'")
+        _fail("data_dir", f"is required for dataset {NAME!r} with source {d.source!r} ({what})")
     if str(d.data_dir).startswith(("gs://", "s3://")):
-        _fail("data_dir", f"{d.data_dir!r} is in a bucket; h5py needs a local folder: copy the data to the "
-              "machine's disk first")
+        reader = "ArrayRecord" if tfds else "h5py"
+        _fail("data_dir", f"{d.data_dir!r} is in a bucket; {reader} needs a local folder here: copy the data to "
+              "the machine's disk first")
     if not os.path.isdir(d.data_dir):
         _fail("data_dir", f"{d.data_dir!r} is missing or not a directory")
     check_counts(config)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """The fields, and labeled_cases against train.list's length (the list is read, no volume)."""
+    """The fields, and labeled_cases against the train split's length (train.list, or the TFDS
+    folder's metadata, is read; no volume)."""
     _check_fields(config)
     d = config.data
-    train_list = Path(d.data_dir) / TRAIN_LIST
-    _check_bounds(d.labeled_cases, d.val_cases, len(read_list(train_list)), train_list)
+    if d.source == "tfds":
+        store = open_store(config)  # Reads JSON files only.
+        count, where = len(store.train_cases), store.train_where
+    else:
+        where = Path(d.data_dir) / TRAIN_LIST
+        count = len(read_list(where))
+    _check_bounds(d.labeled_cases, d.val_cases, count, where)
 
 
 def open_la(config: ml_collections.ConfigDict) -> LADataset:
@@ -293,9 +374,10 @@ def open_la(config: ml_collections.ConfigDict) -> LADataset:
 
 
 def _fields() -> dict:
-    return {"labeled_cases": 4, "val_cases": 0}
+    return {"labeled_cases": 4, "val_cases": 0, "source": "h5"}
 
 
 LA = registry.DatasetSpec(
     name=NAME, fields=_fields, info=lambda config: INFO, validate=validate, open=open_la,
-    description="Left Atrium MRI (2018 challenge), UA-MT processed layout: 3-D volumes (D, H, W), per-volume eval")
+    description="Left Atrium MRI (2018 challenge), UA-MT processed layout (or its TFDS form): 3-D volumes "
+                "(D, H, W), per-volume eval")
