@@ -17,6 +17,7 @@ from arco_jax.models.heads3d import (
     trilinear_upsampling_adjoint,
     vnet_level_dims,
 )
+from arco_jax.models import vnet
 from arco_jax.models.vnet import UpConv2x2x2, VNet
 
 NARROW = 4  # n_filters of the small models the tests run
@@ -126,6 +127,20 @@ def test_up_convolution_equals_flax_conv_transpose():
     params = ours.init(jax.random.key(3, impl="rbg"), x)
     flax_up = nn.ConvTranspose(4, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
     np.testing.assert_allclose(ours.apply(params, x), flax_up.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("planes", [True, False], ids=["cpu_planes", "native_3d"])
+def test_both_convolution_lowerings_equal_flax_conv(monkeypatch, planes):
+    """The 3x3x3 and 2x2x2 stride-2 layers: the CPU form (2-D planes, block matmul) and XLA's
+    3-D convolution both compute nn.Conv's function with nn.Conv's parameters."""
+    monkeypatch.setattr(vnet, "planes_lowering", lambda: planes)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 4, 6, 8, 5)), jnp.float32)
+    init = {"kernel_init": nn.initializers.normal(1.0), "bias_init": nn.initializers.normal(1.0)}
+    for ours, flax_conv in ((vnet.Conv3x3x3(3, **init), nn.Conv(3, (3, 3, 3), padding=1)),
+                            (vnet.Conv2x2x2Down(3, **init), nn.Conv(3, (2, 2, 2), strides=2, padding="VALID"))):
+        params = ours.init(jax.random.key(7, impl="rbg"), x)
+        assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_conv.init(jax.random.key(7), x))
+        np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-4, atol=1e-4)
 
 
 def random_features(seed, level_dims, batch=2, size=(8, 16, 24)):
