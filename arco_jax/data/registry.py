@@ -128,6 +128,7 @@ class DatasetSpec:
 _BUILTIN = {
     "acdc": "arco_jax.data.ssl4mis_datasets:ACDC",
     "la": "arco_jax.data.la:LA",
+    "la_phantom": "arco_jax.data.la_phantom:LA_PHANTOM",
     "phantom": "arco_jax.data.ssl4mis_datasets:PHANTOM",
 }
 _REGISTERED: dict[str, DatasetSpec] = {}
