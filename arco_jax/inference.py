@@ -7,6 +7,11 @@ built abstractly (`jax.eval_shape`, nothing is computed or allocated) from the s
 with every leaf placed on this machine's first device, so a checkpoint written on several
 GPUs or TPU hosts restores on one CPU. Only the evaluated network's segmenter variables are
 kept (student or teacher, as `config.eval.model` says); optimizer state and banks are dropped.
+
+A volume is predicted as the run's evaluator predicts a test case (`TrainedModel.predict_volume`:
+slice by slice for 2-D runs, by sliding windows for 3-D ones), and what predict needs to know of
+the run's dataset (intensity normalisation, h5 axis order) is what the dataset declares in this
+installation's registry (`TrainedModel.dataset`), looked up by config.data.dataset.
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from arco_jax import evaluation, files
+from arco_jax import evaluators, files
 from arco_jax.config import from_record
 from arco_jax.checkpointing import saved_leaf_specs
+from arco_jax.data import registry
+from arco_jax.errors import ConfigError
 from arco_jax.state import (TrainState, build_networks, build_optimizer, create_train_state, eval_variables,
                             legacy_layout)
 
@@ -41,8 +48,9 @@ class TrainedModel:
 
     checkpoint: what was asked for ('best', 'last' or a step number as text);
     directory: the checkpoint directory it came from ('best' or 'last'); step: the saved step.
-    predict_logits: jitted, float32 images (N, h, w, in_channels) -> logits (N, h, w, C),
+    predict_logits: jitted, float32 images (N, *spatial, in_channels) -> logits (N, *spatial, C),
     eval mode (no dropout, running BatchNorm statistics).
+    workdir: the run's folder (named by errors).
     """
 
     config: ml_collections.ConfigDict
@@ -50,9 +58,26 @@ class TrainedModel:
     directory: str
     step: int
     predict_logits: Callable[[np.ndarray], jax.Array]
+    workdir: epath.Path
+
+    def _from_config(self, what: str, build: Callable):
+        try:
+            return build(self.config)
+        except ConfigError as err:
+            raise WorkdirError(f"{self.workdir / CONFIG_FILE}: {what}: {err}") from err
+
+    @functools.cached_property
+    def dataset(self) -> registry.DatasetInfo:
+        """What the run's dataset declares (registry.info of config.data.dataset)."""
+        return self._from_config("the run's dataset", registry.info)
+
+    @functools.cached_property
+    def evaluator(self) -> evaluators.Evaluator:
+        """The evaluator the run was tested with (evaluators.build of its config)."""
+        return self._from_config("the run's evaluator", evaluators.build)
 
     @property
-    def patch_size(self) -> tuple[int, int]:
+    def patch_size(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.config.data.patch_size)
 
     @property
@@ -64,10 +89,15 @@ class TrainedModel:
         return tuple(self.config.data.class_names)
 
     def predict_volume(self, image: np.ndarray) -> np.ndarray:
-        """Label map (D, H, W) of a preprocessed volume (D, H, W), by the SSL4MIS slice protocol."""
-        return evaluation.predict_volume(
-            lambda x: np.asarray(self.predict_logits(x)), image, self.patch_size,
-            slice_batch_size=int(self.config.eval.slice_batch_size))
+        """Label map (D, H, W) of a preprocessed volume (D, H, W), predicted as the run's evaluator
+        predicts a test case (its `predict_volume`): slice by slice (the SSL4MIS protocol) for 2-D
+        runs, by sliding windows with the run's eval.window, stride, window_batch_size and
+        largest_component for 3-D ones."""
+        evaluator = self.evaluator
+        if not hasattr(evaluator, "predict_volume"):
+            raise WorkdirError(f"{self.workdir}: the run's evaluator {evaluator.name!r} has no predict_volume: "
+                               "it predicts no volumes, and predict segments volumes only")
+        return evaluator.predict_volume(lambda x: np.asarray(self.predict_logits(x)), image)
 
 
 def _check_workdir(workdir: epath.Path) -> None:
@@ -188,4 +218,4 @@ def load_model(workdir: epath.PathLike, checkpoint: str | int = "best") -> Train
     segmenter = build_networks(config).segmenter
     apply = jax.jit(lambda v, images: segmenter.apply(v, images, train=False)[0])
     return TrainedModel(config=config, checkpoint=str(checkpoint), directory=directory, step=step,
-                        predict_logits=functools.partial(apply, variables))
+                        predict_logits=functools.partial(apply, variables), workdir=workdir)

@@ -1,4 +1,4 @@
-"""Segment NIfTI or SSL4MIS h5 volumes with a trained run.
+"""Segment NIfTI or h5 volumes with a trained run, 2-D (ACDC) or 3-D (the Left Atrium).
 
   python -m arco_jax.predict --workdir=runs/acdc_sg_7 --input=scan.nii.gz --output=preds
       [--checkpoint=best] [--png]
@@ -10,10 +10,18 @@
   orientation it was trained on (ACDC short-axis slices run along z). Written back as
   <name>_pred.nii.gz: a uint8 label map with the input's affine and header (data type uint8,
   no intensity scaling, intent 'label'), so any viewer overlays it on the scan.
-* SSL4MIS h5 with an `image` dataset (D, H, W): written as <name>_pred.h5, dataset `label`.
-Preprocessing is training's: per-volume min-max to [0, 1] (a no-op on SSL4MIS h5, which are
-stored normalised), each slice resized to the patch size (nearest), predicted, argmaxed and
-resized back (nearest). --png adds per-slice overlays in <output>/<name>_png/.
+* h5 with an `image` dataset, 3-D, in the axis order of the run's dataset's own h5 files
+  (DatasetInfo.h5_axes): (D, H, W) for SSL4MIS (ACDC, the phantom), (H, W, D) for UA-MT's LA
+  mri_norm2.h5 (la, la_phantom), read depth first as that dataset reads it. Written as
+  <name>_pred.h5, dataset `label` (uint8), in the input's own axis order, so it overlays
+  `image` voxel for voxel.
+Preprocessing is the dataset's (DatasetInfo.intensity), per volume: min-max to [0, 1] for the
+SSL4MIS data (a no-op on SSL4MIS h5, which are stored normalised), z-score (x - mean) / std for
+the LA (as mri_norm2.h5 is stored). The volume is then predicted as the run's evaluator predicts
+a test case: 2-D runs slice by slice (each slice resized to the patch size, nearest, predicted,
+argmaxed and resized back, nearest), 3-D runs by sliding windows with the run's eval.window,
+eval.stride, eval.window_batch_size and eval.largest_component. --png adds an overlay of every
+(H, W) slice (the scan min-max scaled for display) in <output>/<name>_png/.
 
 Every check that needs no voxel data (readable file, 3-D) runs on all inputs before the model
 is restored, so a bad file in a folder fails in a second, naming the file.
@@ -30,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from arco_jax import inference
+from arco_jax.data import registry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 H5_SUFFIX = ".h5"
@@ -46,15 +55,27 @@ class InputError(ValueError):
     """A scan that cannot be segmented: unreadable, not 3-D, or with unusable intensities."""
 
 
+def to_depth_first(array: np.ndarray, axes: str) -> np.ndarray:
+    """A 3-D array whose axes are `axes` (a word of the letters d, h, w) as (D, H, W)."""
+    return np.transpose(array, [axes.index(a) for a in registry.DEPTH_FIRST])
+
+
+def from_depth_first(array: np.ndarray, axes: str) -> np.ndarray:
+    """A (D, H, W) array in the axis order `axes` (the inverse of to_depth_first)."""
+    return np.transpose(array, [registry.DEPTH_FIRST.index(a) for a in axes])
+
+
 @dataclasses.dataclass(frozen=True)
 class Scan:
-    """One input volume. volume: float32 (z, y, x) raw intensities; nifti: the loaded image
-    whose affine and header the prediction keeps (None for h5)."""
+    """One input volume. volume: float32 (z, y, x) = (D, H, W) raw intensities; nifti: the loaded
+    image whose affine and header the prediction keeps (None for h5); h5_axes: the axis order of
+    an h5 input's `image` (the prediction is written back in it)."""
 
     path: Path
     name: str
     volume: np.ndarray
     nifti: nib.Nifti1Image | nib.Nifti2Image | None = None
+    h5_axes: str = registry.DEPTH_FIRST
 
 
 def scan_name(path: Path) -> str | None:
@@ -119,8 +140,9 @@ def check_scan(path: Path) -> None:
         _load_nifti(path)
 
 
-def read_scan(path: Path) -> Scan:
-    """The volume in (z, y, x) order, float32, finite; errors name the file."""
+def read_scan(path: Path, h5_axes: str = registry.DEPTH_FIRST) -> Scan:
+    """The volume in (z, y, x) = (D, H, W) order, float32, finite; an h5 `image` is read as
+    stored in the axis order `h5_axes`. Errors name the file."""
     if path.name.endswith(H5_SUFFIX):
         _h5_image_shape(path)
         try:
@@ -130,26 +152,35 @@ def read_scan(path: Path) -> Scan:
             raise InputError(f"{path}: cannot be read as HDF5 ({err})") from err
         if not np.issubdtype(raw.dtype, np.number):
             raise InputError(f"{path}: 'image' has non-numeric dtype {raw.dtype}")
-        volume, nifti = raw.astype(np.float32), None
+        volume, nifti = to_depth_first(raw.astype(np.float32), h5_axes), None
     else:
         nifti = _load_nifti(path)
         try:
             volume = np.transpose(nifti.get_fdata(dtype=np.float32), (2, 1, 0))
         except Exception as err:  # A truncated or corrupt data block only shows here.
             raise InputError(f"{path}: the voxel data cannot be read ({type(err).__name__}: {err})") from err
+    volume = np.ascontiguousarray(volume)  # one memory order for every input: the same normalisation
     if not np.isfinite(volume).all():
         count = int(np.count_nonzero(~np.isfinite(volume)))
         raise InputError(f"{path}: {count} voxels have non-finite intensities (NaN or Inf)")
     if min(volume.shape) < 1:
         raise InputError(f"{path}: the volume is empty, shape {volume.shape}")
-    return Scan(path=path, name=scan_name(path), volume=volume, nifti=nifti)
+    return Scan(path=path, name=scan_name(path), volume=volume, nifti=nifti,
+                h5_axes=registry.DEPTH_FIRST if nifti is not None else h5_axes)
 
 
-def normalize(volume: np.ndarray, path: Path) -> np.ndarray:
-    """Per-volume min-max to [0, 1], as the SSL4MIS conversion did before training."""
+def normalize(volume: np.ndarray, path: Path, intensity: str = "minmax") -> np.ndarray:
+    """The per-volume normalisation a dataset's volumes were stored with (DatasetInfo.intensity):
+    'minmax' to [0, 1], as the SSL4MIS conversions did, or 'zscore', (x - mean) / std with the
+    mean and std of the whole volume, as UA-MT's LA preprocessing did."""
+    if intensity not in registry.INTENSITIES:
+        raise ValueError(f"intensity must be one of {registry.INTENSITIES}, got {intensity!r}")
     low, high = float(volume.min()), float(volume.max())
     if high <= low:
         raise InputError(f"{path}: every voxel has intensity {low}; nothing to segment")
+    if intensity == "zscore":
+        mean, std = volume.mean(dtype=np.float64), volume.std(dtype=np.float64)
+        return ((volume - mean) / std).astype(np.float32)
     return ((volume - low) / (high - low)).astype(np.float32)
 
 
@@ -164,10 +195,12 @@ def write_nifti(scan: Scan, labels: np.ndarray, path: Path, num_classes: int) ->
     nib.save(image, path)
 
 
-def write_h5(labels: np.ndarray, path: Path, source: Path, step: int) -> None:
+def write_h5(scan: Scan, labels: np.ndarray, path: Path, step: int) -> None:
+    """Labels (D, H, W) as dataset `label` in the axis order of the scan's `image`."""
     with h5py.File(path, "w") as f:
-        f.create_dataset("label", data=labels.astype(np.uint8), compression="gzip", compression_opts=1)
-        f.attrs["source"] = source.name
+        f.create_dataset("label", data=from_depth_first(labels, scan.h5_axes).astype(np.uint8),
+                         compression="gzip", compression_opts=1)
+        f.attrs["source"] = scan.path.name
         f.attrs["checkpoint_step"] = step
 
 
@@ -198,7 +231,7 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def write_overlays(image: np.ndarray, labels: np.ndarray, directory: Path) -> list[Path]:
-    """One PNG per (y, x) slice of the (z, y, x) volume: slice_000.png, ..."""
+    """One PNG per (y, x) slice of the (z, y, x) volume: slice_000.png, ...; image in [0, 1]."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, (image_slice, label_slice) in enumerate(zip(image, labels)):
@@ -209,17 +242,22 @@ def write_overlays(image: np.ndarray, labels: np.ndarray, directory: Path) -> li
 
 
 def predict_scan(model: inference.TrainedModel, path: Path, output_dir: Path, png: bool = False) -> list[Path]:
-    """Segment one scan; returns the files written (prediction first, then any PNGs)."""
-    scan = read_scan(path)
-    image = normalize(scan.volume, path)
+    """Segment one scan with the run's preprocessing and prediction; returns the files written
+    (prediction first, then any PNGs)."""
+    dataset = model.dataset
+    scan = read_scan(path, dataset.h5_axes)
+    image = normalize(scan.volume, path, dataset.intensity)
     labels = model.predict_volume(image)
     if scan.nifti is not None:
         written = output_dir / f"{scan.name}{PRED_SUFFIX}.nii.gz"
         write_nifti(scan, labels, written, model.num_classes)
     else:
         written = output_dir / f"{scan.name}{PRED_SUFFIX}{H5_SUFFIX}"
-        write_h5(labels, written, path, model.step)
-    pngs = write_overlays(image, labels, output_dir / f"{scan.name}_png") if png else []
+        write_h5(scan, labels, written, model.step)
+    pngs = []
+    if png:
+        display = image if dataset.intensity == "minmax" else normalize(scan.volume, path, "minmax")
+        pngs = write_overlays(display, labels, output_dir / f"{scan.name}_png")
     return [written, *pngs]
 
 

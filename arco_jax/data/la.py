@@ -74,7 +74,8 @@ VOLUME_FILE = "mri_norm2.h5"
 KEYS = ("image", "label")
 CLASS_NAMES = ("left atrium",)
 INFO = registry.DatasetInfo(num_classes=2, class_names=CLASS_NAMES, ignore_label=None, spatial_rank=3,
-                            in_channels=1, has_spacing=False, eval_unit="volume", weak_augment="rot_flip_crop")
+                            in_channels=1, has_spacing=False, eval_unit="volume", weak_augment="rot_flip_crop",
+                            intensity="zscore", h5_axes="hwd")
 SPLITS = ("val", "test")
 SOURCES = ("h5", "tfds")
 _MAX_SHOWN_VALUES = 5

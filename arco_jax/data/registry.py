@@ -37,6 +37,8 @@ from arco_jax.errors import ConfigError
 METADATA_FIELDS = ("num_classes", "class_names", "ignore_label", "spatial_rank", "in_channels")
 EVAL_UNITS = ("volume", "image")
 WEAK_AUGMENTATIONS = ("resize_rotate", "rot_flip_crop")  # implemented in data/pipeline.py
+INTENSITIES = ("minmax", "zscore")  # per-volume normalisations (predict.normalize)
+DEPTH_FIRST = "dhw"  # the axis order of 3-D arrays in this code base: (D, H, W)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,13 @@ class DatasetInfo:
     weak_augment: the per-sample training view (data/pipeline.py WEAK_AUGMENTATIONS):
       'resize_rotate' (SSL4MIS 2-D: resize to the patch, rot90/flip or a small rotation) or
       'rot_flip_crop' (UA-MT's LA volumes: in-plane rot90 and flip, then a random crop).
+    intensity: how the dataset's volumes were normalised, so how a new scan is before it is
+      predicted: 'minmax' (per volume to [0, 1], as the SSL4MIS conversions stored them) or
+      'zscore' (per volume (x - mean) / std, as UA-MT's mri_norm2.h5).
+    h5_axes: the axis order of the `image` array in the dataset's h5 volume files, the letters
+      d (slices), h and w: 'dhw' (SSL4MIS, stored depth first) or 'hwd' (UA-MT's mri_norm2.h5,
+      read transposed to (D, H, W)). An h5 scan given to predict for a run on the dataset is
+      read in this order and its labels are written back in it.
     """
 
     num_classes: int
@@ -63,6 +72,8 @@ class DatasetInfo:
     has_spacing: bool = False
     eval_unit: str = "volume"
     weak_augment: str = "resize_rotate"
+    intensity: str = "minmax"
+    h5_axes: str = DEPTH_FIRST
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -80,6 +91,11 @@ class DatasetInfo:
             raise ValueError(f"eval_unit must be one of {EVAL_UNITS}, got {self.eval_unit!r}")
         if self.weak_augment not in WEAK_AUGMENTATIONS:
             raise ValueError(f"weak_augment must be one of {WEAK_AUGMENTATIONS}, got {self.weak_augment!r}")
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
+        if not (isinstance(self.h5_axes, str) and sorted(self.h5_axes) == sorted(DEPTH_FIRST)):
+            raise ValueError(f"h5_axes must order the letters of {DEPTH_FIRST!r} (e.g. 'dhw', 'hwd'), "
+                             f"got {self.h5_axes!r}")
 
 
 @dataclasses.dataclass(frozen=True)

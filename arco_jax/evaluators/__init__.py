@@ -13,7 +13,9 @@ ACDC, the phantom), 'sliding_window' (the same metrics, 3-D volumes predicted by
 windows: the reference's test_3D.py) and 'miou' (a confusion matrix over whole images:
 natural-image sets). 'auto' picks by the dataset's `eval_unit` (and, for volumes, its spatial
 rank: 'volume_slices' for 2-D samples, 'sliding_window' for 3-D ones). A new evaluator is a
-module with a class that has `name`, `selectable` and `run`, and one `register(...)` call.
+module with a class that has `name`, `selectable` and `run`, and one `register(...)` call. An
+evaluator of volumes also has `predict_volume(predict, image) -> labels`, how it predicts one
+case: `python -m arco_jax.predict` segments new scans of a run with it.
 """
 from __future__ import annotations
 

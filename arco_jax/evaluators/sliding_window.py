@@ -239,6 +239,13 @@ class SlidingWindow(VolumeSlices):
         if not isinstance(e.largest_component, bool):
             raise ConfigError(f"config.eval.largest_component: must be True or False, got {e.largest_component!r}")
 
+    def predict_volume(self, predict: Predict, image: np.ndarray) -> np.ndarray:
+        """The label map (D, H, W) of one volume (D, H, W[, C]) by sliding windows (this run's window,
+        stride, window batch size and largest-component setting): how a case is predicted here, and
+        how `predict` segments a new scan for a run this evaluator tests."""
+        return predict_labels(predict, image, self.window, self.stride, self.window_batch_size,
+                              self.keep_largest_component)
+
     def predict_case(self, predict: Predict, case) -> np.ndarray:
         """The label map of one case by sliding windows; a case smaller than the window is noted."""
         spatial = tuple(np.shape(case.label))
@@ -247,8 +254,7 @@ class SlidingWindow(VolumeSlices):
                              f"not one (D, H, W[, C]) volume and its (D, H, W) labels")
         if any(s < w for s, w in zip(spatial, self.window)):
             self._padded_here[case.case] = list(spatial)
-        return predict_labels(predict, case.image, self.window, self.stride, self.window_batch_size,
-                              self.keep_largest_component)
+        return self.predict_volume(predict, case.image)
 
     def per_case(self, predict: Predict, data: OpenDataset, split: str) -> tuple[dict, dict]:
         """VolumeSlices.per_case with these predictions, and the padded cases gathered and said once."""

@@ -46,9 +46,14 @@ class VolumeSlices:
             raise ConfigError(f"config.eval.type: 'volume_slices' predicts 2-D slices; this dataset's samples are "
                               f"{config.data.spatial_rank}-D (use a 3-D evaluator)")
 
+    def predict_volume(self, predict: Predict, image: np.ndarray) -> np.ndarray:
+        """The label map (D, H, W) of one volume (D, H, W), slice by slice as SSL4MIS: how a case
+        is predicted here, and how `predict` segments a new scan for a run this evaluator tests."""
+        return evaluation.predict_volume(predict, image, self.patch_size, slice_batch_size=self.slice_batch_size)
+
     def predict_case(self, predict: Predict, case) -> np.ndarray:
-        """The label map of one case (here: slice by slice, as SSL4MIS)."""
-        return evaluation.predict_volume(predict, case.image, self.patch_size, slice_batch_size=self.slice_batch_size)
+        """The label map of one case."""
+        return self.predict_volume(predict, case.image)
 
     def per_case(self, predict: Predict, data: OpenDataset, split: str) -> tuple[dict, dict]:
         """(classes, 4) metric rows of every case of the split, gathered from all processes:
