@@ -199,12 +199,18 @@ def _per_sample(values: Array, like: Array) -> Array:
     return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
+ValueRange = Optional[tuple[float, float]]
+UNIT_RANGE = (0.0, 1.0)
+
+
 def intensity_jitter(key: Array, images: Array, *, p: float = 0.5,
-                     strength: tuple[float, float] = (0.75, 1.25)) -> Array:
+                     strength: tuple[float, float] = (0.75, 1.25), value_range: ValueRange = UNIT_RANGE) -> Array:
     """Brightness then contrast jitter with factors uniform in `strength`, per sample with p.
 
     torchvision's ColorJitter on a grayscale image: brightness multiplies, contrast blends with
-    the image mean, each result clipped to [0, 1] as PIL's 8-bit images are. Saturation and hue,
+    the image mean, each result clipped to `value_range`, [0, 1] as PIL's 8-bit images are (the
+    range of min-max normalised data). None leaves the values unclipped: z-scored volumes (the
+    LA's) have no such range, and clipping them to [0, 1] would erase most of each volume. Saturation and hue,
     also drawn by the reference, are no-ops on grayscale. The reference applies brightness and
     contrast in random order; the two commute up to the clipping, so the order here is fixed.
     With C > 1 every channel of a sample gets the same factors and the mean is over all of
@@ -218,10 +224,11 @@ def intensity_jitter(key: Array, images: Array, *, p: float = 0.5,
     brightness = jax.random.uniform(brightness_key, (batch,), minval=low, maxval=high)
     contrast = jax.random.uniform(contrast_key, (batch,), minval=low, maxval=high)
 
-    brightened = jnp.clip(images * _per_sample(brightness, images), 0.0, 1.0)
+    clip = (lambda x: x) if value_range is None else (lambda x: jnp.clip(x, *value_range))  # noqa: E731
+    brightened = clip(images * _per_sample(brightness, images))
     mean = jnp.mean(brightened, axis=tuple(range(1, images.ndim)), keepdims=True)
     contrasted = mean + _per_sample(contrast, images) * (brightened - mean)
-    jittered = jnp.clip(contrasted, 0.0, 1.0)
+    jittered = clip(contrasted)
     return jnp.where(_per_sample(apply, images), jittered, images)
 
 
@@ -422,10 +429,10 @@ def warp_affine(x: Array, matrices: Array, *, order: int, cval: float = 0.0) -> 
 # ----------------------------------------------------------------------------- strong view
 
 def photometric_and_warp(key: Array, images: Array, labels: Array, confidences: Array, *,
-                         warp_labels: bool, warp_prob: float = 0.5
+                         warp_labels: bool, warp_prob: float = 0.5, value_range: ValueRange = UNIT_RANGE
                          ) -> tuple[Array, Array, Array]:
-    """The strong view's steps after CutMix: intensity_jitter (p=.5 per sample) ->
-    gaussian_blur (p=.5 per sample) -> smooth_warp (p=`warp_prob` per batch).
+    """The strong view's steps after CutMix: intensity_jitter (p=.5 per sample, clipped to
+    `value_range`) -> gaussian_blur (p=.5 per sample) -> smooth_warp (p=`warp_prob` per batch).
 
     With warp_labels=False the warp moves the image only, as the reference does, and the
     pseudo-labels no longer line up with it; True warps labels and confidences with the image.
@@ -433,7 +440,7 @@ def photometric_and_warp(key: Array, images: Array, labels: Array, confidences: 
     """
     _check_batch("photometric_and_warp", images, labels, confidences)
     jitter_key, blur_key, warp_key = jax.random.split(key, 3)
-    images = intensity_jitter(jitter_key, images)
+    images = intensity_jitter(jitter_key, images, value_range=value_range)
     images = gaussian_blur(blur_key, images)
     if warp_labels:
         return smooth_warp(warp_key, images, labels, confidences, p=warp_prob)
@@ -442,7 +449,7 @@ def photometric_and_warp(key: Array, images: Array, labels: Array, confidences: 
 
 
 def strong_augment(key: Array, images: Array, labels: Array, confidences: Array, *,
-                   warp_labels: bool, warp_prob: float = 0.5
+                   warp_labels: bool, warp_prob: float = 0.5, value_range: ValueRange = UNIT_RANGE
                    ) -> tuple[Array, Array, Array]:
     """The strong view of the unlabeled batch, in the reference's order: cutmix (partner
     (b+1) % B) with `key`, then `photometric_and_warp` with fold_in(key, 1). The one builder of
@@ -450,7 +457,7 @@ def strong_augment(key: Array, images: Array, labels: Array, confidences: Array,
     _check_batch("strong_augment", images, labels, confidences)
     images, labels, confidences = cutmix(key, images, labels, confidences)
     return photometric_and_warp(jax.random.fold_in(key, 1), images, labels, confidences,
-                                warp_labels=warp_labels, warp_prob=warp_prob)
+                                warp_labels=warp_labels, warp_prob=warp_prob, value_range=value_range)
 
 
 __all__ = [

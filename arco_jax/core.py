@@ -38,6 +38,9 @@ class Networks:
     head: nn.Module
     projector: nn.Module
     methods: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # a method's own modules, by its name
+    # The values the input images take, which the photometric augmentations keep them in: (0, 1)
+    # for min-max normalised data, None for z-scored data (the dataset's DatasetInfo.intensity).
+    image_range: tuple[float, float] | None = (0.0, 1.0)
 
 
 @flax.struct.dataclass

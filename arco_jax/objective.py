@@ -340,7 +340,8 @@ def strong_view(fwd: Forward, image_u: jax.Array, teacher_key: jax.Array, strong
     weak_logits, _ = fwd.teacher_net(image_u, teacher_key)
     weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
     return augment.strong_augment(strong_key, image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32),
-                                  jnp.max(weak_probs, -1), warp_labels=fwd.config.arco.warp_pseudo_labels)
+                                  jnp.max(weak_probs, -1), warp_labels=fwd.config.arco.warp_pseudo_labels,
+                                  value_range=fwd.nets.image_range)
 
 
 def equivariance_mask(labels: jax.Array, confidences: jax.Array, num_classes: int, threshold: float) -> jax.Array:
@@ -379,7 +380,8 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         # A second photometric view of the strong images: same geometry as the prediction it
         # is compared with (the reference re-warps independently, misaligning the two).
         jitter_key, blur_key = jax.random.split(keys["eqv_view"])
-        view_u = augment.gaussian_blur(blur_key, augment.intensity_jitter(jitter_key, image_s))
+        view_u = augment.gaussian_blur(blur_key, augment.intensity_jitter(jitter_key, image_s,
+                                                                          value_range=nets.image_range))
         view = jnp.concatenate([batch.image_l, view_u])
         matrices = augment.random_similarity(keys["eqv_warp"], view.shape[0], scale_range=tuple(a.eqv_scale),
                                              spatial_rank=view.ndim - 2)

@@ -15,8 +15,13 @@ import numpy as np
 import optax
 
 from arco_jax import methods, models
+from arco_jax.data import registry
 from arco_jax.config import parse_lr_multipliers
 from arco_jax.core import Batch, Networks, TrainState, eval_variables  # noqa: F401  (re-exported)
+
+
+# What each DatasetInfo.intensity leaves the images in (their photometric jitter clips to it).
+IMAGE_RANGES = {"minmax": (0.0, 1.0), "zscore": None}
 
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:
@@ -29,6 +34,7 @@ def build_networks(config: ml_collections.ConfigDict) -> Networks:
         projector=models.build_projector(config.model, dtype),
         methods={m.name: modules for m in methods.stage_methods(config).values()
                  if (modules := m.networks(config)) is not None},
+        image_range=IMAGE_RANGES[registry.info(config).intensity],
     )
 
 

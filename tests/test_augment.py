@@ -123,6 +123,21 @@ def test_intensity_jitter_applies_to_about_half_and_stays_in_range():
             jax.random.PRNGKey(4), images), images)
 
 
+def test_intensity_jitter_of_z_scored_volumes_is_unclipped():
+    """value_range=None (z-scored data): the same linear jitter, negative and large values kept,
+    where the [0, 1] clip of min-max data would flatten most of a z-scored volume."""
+    volumes = jax.random.normal(jax.random.PRNGKey(5), (8, 4, 6, 6, 1)) * 2.0
+    key = jax.random.PRNGKey(6)
+    unclipped = augment.intensity_jitter(key, volumes, p=1.0, value_range=None)
+    clipped = augment.intensity_jitter(key, volumes, p=1.0)
+    assert float(unclipped.min()) < -1 and float(unclipped.max()) > 2
+    assert float(clipped.min()) >= 0 and float(clipped.max()) <= 1
+    for x, y in zip(np.asarray(volumes).reshape(8, -1), np.asarray(unclipped).reshape(8, -1)):
+        slope, intercept = np.polyfit(x, y, 1)
+        np.testing.assert_allclose(y, slope * x + intercept, atol=1e-4)
+        assert 0.75 ** 2 - 1e-4 <= slope <= 1.25 ** 2 + 1e-4
+
+
 # ----------------------------------------------------------------------------- blur
 
 @pytest.mark.parametrize("sigma", [0.15, 0.6, 1.15])
