@@ -288,15 +288,12 @@ def _validate_pretrain(c: ml_collections.ConfigDict) -> None:
         _fail("pretrain.ema_decay", f"must lie in (0, 1), got {p.ema_decay}")
     if p.steps == 0:
         return  # Stage 1 is skipped: its sizes need not fit the data.
-    if d.spatial_rank != 2:
-        _fail("pretrain.steps", f"stage-1 relational pretraining pools 2-D windows and this dataset's samples are "
-              f"{d.spatial_rank}-D: set 0 (the 3-D stage 1 is not built yet)")
     batch = d.batch_labeled + d.batch_unlabeled
     if batch > p.queue_size:
         _fail("pretrain.queue_size", f"{p.queue_size} rows cannot take a batch of {batch} teacher embeddings "
               "(stage 1 uses data.batch_labeled + data.batch_unlabeled)")
     if p.window > min(d.patch_size):
-        _fail("pretrain.window", f"{p.window} px windows do not fit a {tuple(d.patch_size)} patch")
+        _fail("pretrain.window", f"windows of {p.window} pixels a side do not fit a {tuple(d.patch_size)} patch")
     if p.window_grid % 2 or p.window % p.window_grid:
         _fail("pretrain.window_grid", f"must be even and divide pretrain.window ({p.window}) so windows at a "
               f"stride of half a window start on whole cells, got {p.window_grid}")

@@ -107,7 +107,13 @@ def pretrain_learning_rate(config: ml_collections.ConfigDict, step) -> jax.Array
 def local_embedding_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """(windows per image, values per window embedding)."""
     p = config.pretrain
-    return num_windows(tuple(config.data.patch_size), p.window), p.window_grid ** 2 * config.data.num_classes
+    patch = tuple(config.data.patch_size)
+    return num_windows(patch, p.window), p.window_grid ** len(patch) * config.data.num_classes
+
+
+def spatial_mean(maps: jax.Array) -> jax.Array:
+    """(B, *spatial, C) -> (B, C) in float32: the global embedding's pooling."""
+    return jnp.mean(maps.astype(jnp.float32), axis=tuple(range(1, maps.ndim - 1)))
 
 
 def init_relational_state(config: ml_collections.ConfigDict, nets: RelationalNetworks, segmenter_params: dict,
@@ -116,7 +122,7 @@ def init_relational_state(config: ml_collections.ConfigDict, nets: RelationalNet
     `logits` and `features` are the segmenter's outputs on a dummy batch (for shapes)."""
     p = config.pretrain
     keys = jax.random.split(key, 6)
-    pooled = jnp.mean(features[0].astype(jnp.float32), axis=(1, 2))
+    pooled = spatial_mean(features[0])
     global_head = nets.global_head.init(keys[0], pooled)["params"]
     embedding = nets.global_head.apply({"params": global_head}, pooled)
     windows = pooled_windows(logits, p.window, p.window_grid)
@@ -168,7 +174,7 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
     p, rel, r = config.pretrain, state.methods["relational"], nets.methods["relational"]
     jitter_key, blur_key, student_key, teacher_key = jax.random.split(key, 4)
     images = jnp.concatenate([batch.image_l, batch.image_u])
-    student_view = augment.intensity_jitter(jitter_key, images, strength=JITTER_STRENGTH)
+    student_view = augment.intensity_jitter(jitter_key, images, strength=JITTER_STRENGTH, value_range=nets.image_range)
     teacher_view = augment.gaussian_blur(blur_key, student_view)
 
     (logits, features), batch_stats = student_forward(nets, trainable["segmenter"], state.batch_stats, student_view,
@@ -181,10 +187,9 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
     sup, sup_parts = losses.supervised_loss(logits[:batch.image_l.shape[0]], batch.label_l, config.data.ignore_label)
 
     heads = trainable["heads"]
-    pool = lambda x: jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # noqa: E731
     global_student = _apply(r.global_predictor, heads["global_predictor"],
-                            _apply(r.global_head, heads["global_head"], pool(features[0])))
-    global_teacher = _apply(r.global_head, rel.teacher["global_head"], pool(t_bottleneck))
+                            _apply(r.global_head, heads["global_head"], spatial_mean(features[0])))
+    global_teacher = _apply(r.global_head, rel.teacher["global_head"], spatial_mean(t_bottleneck))
 
     batch_size, queue_size = images.shape[0], p.queue_size
     count, size = local_embedding_size(config)

@@ -16,10 +16,16 @@ random crop; batches of 4 labeled + 4 unlabeled volumes; 6000 iterations of SGD 
 Nesterov momentum 0.9, weight decay 1e-4, poly decay); EMA teacher 0.99; 256 anchors and 512
 negatives per class, temperature 0.5; ARCO-SAG, the reference's 3-D default; CutMix of an
 in-plane box of half the area over a slab of 10 slices; test windows (80, 112, 112) every
-(4, 18, 18) voxels. With two classes the reference's U2PL negative bank stays empty (its rank
+(4, 18, 18) voxels. No equivariance term: the reference computes it but adds it to the loss at
+iteration 0 only (on the 3-D phantom, adding it at weight 1 cost 18 Dice points in 300 steps).
+With two classes the reference's U2PL negative bank stays empty (its rank
 rule needs 3 or more classes), so the negatives are the other class's bank (arco.negatives
-'other_classes', as every config here). The reference starts from a stage-1 (pretrain_3D.py)
-checkpoint; the 3-D stage 1 is not built yet, so this config trains stage 2 from scratch.
+'other_classes', as every config here). Stage 1 first, as the reference starts from a
+pretrain_3D.py checkpoint: 6000 steps of relational pretraining (global latent of the 1/8
+decoder map, 512-d; local cubes of the logits of side 20 every 10 voxels, 700 per patch as the
+reference's, each pooled to 4 x 4 x 4 cells where the reference's adaptive pooling takes 8
+overlapping ones; queue 36, temperatures 0.1), then 6000 of ARCO; --config.pretrain.steps=0
+trains stage 2 from scratch.
 
 Method presets come in a config string after ':' as for configs/acdc.py:
 
@@ -45,9 +51,21 @@ def get_config(config_string: str | None = None):
     d.patch_size = (80, 112, 112)
     d.batch_labeled = d.batch_unlabeled = 4
     config.train.steps = 6000
-    config.pretrain.steps = 0
+    p = config.pretrain
+    p.steps = 6000  # pretrain_3D.py: max_iterations 6000
+    p.window, p.window_grid = 20, 4
     config.eval.window = (80, 112, 112)
     config.eval.stride = (4, 18, 18)
     config.arco.remat_student = True  # 3-D passes are large: recompute rather than keep them
     methods.apply_method(config, "arco_sag")
-    return methods.apply_config_string(config, config_string)
+    return without_equivariance(methods.apply_config_string(config, config_string))
+
+
+def without_equivariance(config):
+    """The reference's 3-D objective, 0.01 contrast + unsup + sup + nn, for the ARCO presets: it
+    computes the equivariance loss but adds it to the total at iteration 0 only
+    (train_arco_3d.py: `if iter_num / max_iterations > 0.0` drops it from the first update on).
+    --config.loss_weights.eqv=1 turns it on."""
+    if config.method.startswith("arco_"):
+        config.loss_weights.eqv = 0.0
+    return config

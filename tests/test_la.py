@@ -218,6 +218,9 @@ def test_the_la_config_file_has_the_reference_settings(root):
     validate(c)
     assert (c.model.name, c.model.rep_dim, tuple(c.data.patch_size)) == ("vnet", 16, (80, 112, 112))
     assert (c.data.batch_labeled, c.data.batch_unlabeled, c.train.steps, c.method) == (4, 4, 6000, "arco_sag")
+    assert (c.pretrain.steps, c.pretrain.window, c.pretrain.window_grid, c.pretrain.queue_size) == (6000, 20, 4, 36)
+    from arco_jax.pretrain import local_embedding_size
+    assert local_embedding_size(c) == (700, 4 ** 3 * 2)  # the reference's 700 cubes of the logits
     assert (c.arco.num_anchors, c.arco.num_negatives, c.arco.temperature, c.arco.ema_decay) == (256, 512, 0.5, 0.99)
     assert (c.optim.learning_rate, c.optim.nesterov, c.optim.weight_decay) == (0.01, True, 1e-4)
     assert tuple(c.eval.stride) == (4, 18, 18) and evaluators.type_of(c) == "sliding_window"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from arco_jax import train
-from arco_jax.config import ConfigError, base_config, validate
+from arco_jax.config import base_config
 from arco_jax.data import pipeline, registry
 from tests import tiny
 
@@ -62,7 +62,7 @@ class OpenBlobs:
 BLOBS = registry.DatasetSpec(
     name="toy_blobs", fields=lambda: {},
     info=lambda config: registry.DatasetInfo(num_classes=2, class_names=("blob",), spatial_rank=3,
-                                             eval_unit="volume", weak_augment="rot_flip_crop"),
+                                             eval_unit="volume", weak_augment="rot_flip_crop", intensity="zscore"),
     validate=lambda config: None, open=lambda config: OpenBlobs())
 
 
@@ -114,21 +114,39 @@ def test_rot_flip_crop_is_the_reference_view():
     assert firsts == {0, 1, 2, 3}
 
 
-def test_stage1_is_refused_for_volumes_until_it_exists(blobs_registered):
-    c = blobs_config()
-    c.pretrain.steps = 2
-    with pytest.raises(ConfigError, match="pretrain.steps: .*3-D"):
-        validate(c)
+def test_stage1_cubes_are_the_reference_windows_of_volumes():
+    """pooled_windows on volumes: cubes of side `window` every window/2 voxels along each axis
+    (row-major), each average-pooled to grid^3 cells, as a plain loop over the cubes."""
+    from arco_jax.models.relational import num_windows, pooled_windows, window_starts
+
+    maps = np.random.default_rng(0).normal(size=(2, 12, 16, 20, 3)).astype(np.float32)
+    window, grid = 8, 4
+    cell = window // grid
+    expected = []
+    for i in window_starts(12, window):
+        for j in window_starts(16, window):
+            for k in window_starts(20, window):
+                cube = maps[:, i:i + window, j:j + window, k:k + window]
+                expected.append(cube.reshape(2, grid, cell, grid, cell, grid, cell, 3).mean(axis=(2, 4, 6)))
+    out = np.asarray(pooled_windows(maps, window, grid))
+    assert out.shape == (2, num_windows((12, 16, 20), window), grid, grid, grid, 3) == (2, 2 * 3 * 4, 4, 4, 4, 3)
+    np.testing.assert_allclose(out, np.stack(expected, axis=1), rtol=1e-5, atol=1e-6)
 
 
 def test_volumetric_arco_trains_and_is_tested_by_sliding_windows(blobs_registered, tmp_path):
-    results = train.train_and_evaluate(blobs_config(), tmp_path / "run")
+    """One step of 3-D stage 1 (relational pretraining over cubes of the logits), then one of
+    ARCO with every term, then the sliding-window test."""
+    c = blobs_config()
+    c.pretrain.steps, c.pretrain.window, c.pretrain.window_grid, c.pretrain.queue_size = 1, 16, 4, 8
+    results = train.train_and_evaluate(c, tmp_path / "run")
     assert results["evaluator"] == "sliding_window" and set(results["test"]) == {"last"}
     record = results["test"]["last"]
     assert record["num_cases"] == 2 and set(record["per_class"]) == {"blob"}
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in lines if r["split"] == "val"]  # no val split: no selection
-    (train_line,) = [r for r in lines if r["split"] == "train"]
+    stage1_line, train_line = [r for r in lines if r["split"] == "train"]
+    assert (stage1_line["stage"], train_line["stage"]) == (1, 2)
+    assert all(np.isfinite(stage1_line[f"loss_{term}"]) for term in ("sup", "rel_global", "rel_local"))
     for term in ("sup", "unsup", "contrast", "eqv", "nn"):
         assert np.isfinite(train_line[f"loss_{term}"]) and train_line[f"loss_{term}"] > 0, term
     assert train_line["contrast_classes"] > 0
