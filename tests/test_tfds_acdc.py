@@ -1,12 +1,7 @@
 """ACDC as TFDS array_record: built from the SSL4MIS layout and from the raw download, read back
 without TensorFlow, equal item by item to the h5 layout, in list order."""
-import json
-import os
 import pickle
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import grain
 import nibabel as nib
@@ -16,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from arco_jax.data import acdc, phantom, pipeline, ssl4mis, tfds_acdc
 from arco_jax.data.ssl4mis import DataError
+from tests.tensorflow_stand_in import run_without_tensorflow
 
 TINY = phantom.PhantomConfig(splits=(3, 1, 1), image_size=32, slices=(3, 4), seed=1)
 
@@ -140,14 +136,6 @@ def test_clear_errors(phantom_tfds, tmp_path):
 def test_building_and_reading_never_import_tensorflow(phantom_root, tmp_path):
     """A stand-in `tensorflow` package on the path (as if TensorFlow were installed) records
     any import; building both configs and reading them must not trigger it."""
-    stand_in = tmp_path / "site" / "tensorflow"
-    stand_in.mkdir(parents=True)
-    (stand_in / "__init__.py").write_text(textwrap.dedent("""\
-        import os
-        with open(os.environ["TF_IMPORT_MARKER"], "a") as marker:
-            marker.write("tensorflow was imported\\n")
-        raise ImportError("stand-in tensorflow")
-        """))
     script = textwrap.dedent(f"""\
         import json, sys
         from arco_jax.data import tfds_acdc
@@ -158,13 +146,6 @@ def test_building_and_reading_never_import_tensorflow(phantom_root, tmp_path):
         print(json.dumps({{"tensorflow_loaded": "tensorflow" in sys.modules,
                            "slices": len(source), "volumes": len(volumes)}}))
         """)
-    marker = tmp_path / "tf_imported.txt"
-    env = {**os.environ, "TF_IMPORT_MARKER": str(marker),
-           "PYTHONPATH": os.pathsep.join([str(stand_in.parent), str(Path.cwd())])}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_without_tensorflow(script, tmp_path)
     assert result == {"tensorflow_loaded": False,
                       "slices": len(ssl4mis.list_train_slices(phantom_root)), "volumes": 2}
-    assert not marker.exists(), marker.read_text()

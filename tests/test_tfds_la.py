@@ -1,14 +1,9 @@
 """The Left Atrium as TFDS array_record (arco_jax.data.tfds_la): built from a tiny UA-MT folder,
 records equal to the h5 reader's volumes in list order, a run with data.source='tfds' opening the
 same cases and arrays as 'h5', clear errors, and no TensorFlow import."""
-import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +12,7 @@ import tensorflow_datasets as tfds
 from arco_jax.data import la, registry, tfds_la
 from arco_jax.data.ssl4mis import DataError
 from arco_jax.errors import ConfigError
+from tests.tensorflow_stand_in import run_without_tensorflow
 from tests.test_la import TEST, TRAIN, la_config, write_la
 
 
@@ -119,14 +115,6 @@ def test_building_and_reading_never_import_tensorflow(built, tmp_path):
     """A stand-in `tensorflow` package on the path (as if TensorFlow were installed) records any
     import; the h5 reader must not import tensorflow_datasets, the TFDS build and reads not TF."""
     root, _, _ = built
-    stand_in = tmp_path / "site" / "tensorflow"
-    stand_in.mkdir(parents=True)
-    (stand_in / "__init__.py").write_text(textwrap.dedent("""\
-        import os
-        with open(os.environ["TF_IMPORT_MARKER"], "a") as marker:
-            marker.write("tensorflow was imported\\n")
-        raise ImportError("stand-in tensorflow")
-        """))
     script = textwrap.dedent(f"""\
         import json, sys
         import ml_collections
@@ -147,12 +135,6 @@ def test_building_and_reading_never_import_tensorflow(built, tmp_path):
         print(json.dumps({{"h5_imports_tfds": h5_imports_tfds, "tensorflow_loaded": "tensorflow" in sys.modules,
                            "unlabeled": len(unlabeled)}}))
         """)
-    marker = tmp_path / "tf_imported.txt"
-    env = {**os.environ, "TF_IMPORT_MARKER": str(marker),
-           "PYTHONPATH": os.pathsep.join([str(stand_in.parent), str(Path(__file__).resolve().parent.parent)])}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_without_tensorflow(script, tmp_path)
     assert result == {"h5_imports_tfds": False, "tensorflow_loaded": False, "unlabeled": len(TRAIN) - 4}
-    assert not marker.exists(), marker.read_text()
     assert (tmp_path / "tfds" / "la" / "volumes" / "1.0.0" / "dataset_info.json").is_file()

@@ -220,7 +220,21 @@ def read_lists(root: Path) -> dict[str, list[tuple[int, str]]]:
     return lists
 
 
-class H5Store:
+class ListedCases:
+    """A store's case ids per split ('train', 'test') in `_cases`, list order, as properties."""
+
+    _cases: dict[str, list[str]]
+
+    @property
+    def train_cases(self) -> list[str]:
+        return list(self._cases["train"])
+
+    @property
+    def test_cases(self) -> list[str]:
+        return list(self._cases["test"])
+
+
+class H5Store(ListedCases):
     """The cases of a UA-MT folder (lists read, every listed file's metadata checked): where an h5
     run's case ids and volumes come from. tfds_la.TfdsStore is the same for the TFDS form.
 
@@ -240,14 +254,6 @@ class H5Store:
         self._cases = {"train": [case for _, case in lists[TRAIN_LIST]],
                        "test": [case for _, case in lists[TEST_LIST]]}
         self.train_where = str(self.root / TRAIN_LIST)
-
-    @property
-    def train_cases(self) -> list[str]:
-        return list(self._cases["train"])
-
-    @property
-    def test_cases(self) -> list[str]:
-        return list(self._cases["test"])
 
     def read(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
         return read_volume(volume_path(self.root, self._cases[split][index]))

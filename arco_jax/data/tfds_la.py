@@ -157,7 +157,7 @@ def _checked(record: dict, index: int, case: str, where: str) -> tuple[np.ndarra
     return record["image"], record["label"]
 
 
-class TfdsStore:
+class TfdsStore(la.ListedCases):
     """The cases of a prepared `la` folder (la.H5Store's interface): case ids from the
     metadata.json the builder wrote, volumes read from the records. Opening reads JSON only."""
 
@@ -182,14 +182,6 @@ class TfdsStore:
             self._cases[split] = [str(name) for name in names]
         self.train_where = f"{self.path} split 'train' ({la.TRAIN_LIST})"
         self._sources = {}  # split -> data source, opened on first read
-
-    @property
-    def train_cases(self) -> list[str]:
-        return list(self._cases["train"])
-
-    @property
-    def test_cases(self) -> list[str]:
-        return list(self._cases["test"])
 
     def read(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
         if split not in self._sources:

@@ -136,6 +136,14 @@ class ConvBlock(nn.Module):
         return x
 
 
+def conv_parameters(module: nn.Module, x: jax.Array, window: tuple[int, ...]):
+    """(x, kernel (*window, in, module.features), bias) of a hand-lowered convolution, created
+    and promoted as nn.Conv does (module has features, kernel_init, bias_init, dtype, param_dtype)."""
+    kernel = module.param("kernel", module.kernel_init, (*window, x.shape[-1], module.features), module.param_dtype)
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
 class UpConv2x2(nn.Module):
     """2x2 stride-2 'VALID' transposed convolution, the same function and parameters
     ('kernel' (2, 2, in, out), 'bias' (out,)) as `nn.ConvTranspose` with those settings.
@@ -154,9 +162,7 @@ class UpConv2x2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (2, 2, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = conv_parameters(self, x, (2, 2))
         batch, height, width, _ = x.shape
         blocks = jnp.einsum("bhwi,uvio->bhuwvo", x, kernel[::-1, ::-1])
         return blocks.reshape(batch, 2 * height, 2 * width, self.features) + bias

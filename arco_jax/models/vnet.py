@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from arco_jax.models.unet import BN_EPSILON, BN_MOMENTUM, Initializer, uniform_fan_in
+from arco_jax.models.unet import BN_EPSILON, BN_MOMENTUM, Initializer, conv_parameters, uniform_fan_in
 
 Dtype = Any
 
@@ -97,9 +97,7 @@ class Conv3x3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (3, 3, 3, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = conv_parameters(self, x, (3, 3, 3))
         if planes_lowering():
             y = conv3x3x3_as_planes(x, kernel)
         else:
@@ -140,9 +138,7 @@ class Conv2x2x2Down(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (2, 2, 2, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = conv_parameters(self, x, (2, 2, 2))
         if planes_lowering():
             batch, depth, height, width, channels = x.shape
             blocks = x.reshape(batch, depth // 2, 2, height // 2, 2, width // 2, 2, channels)
@@ -185,9 +181,7 @@ class UpConv2x2x2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (2, 2, 2, x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = conv_parameters(self, x, (2, 2, 2))
         batch, depth, height, width, _ = x.shape
         blocks = jnp.einsum("bdhwi,uvtio->bduhvwto", x, kernel[::-1, ::-1, ::-1])
         return blocks.reshape(batch, 2 * depth, 2 * height, 2 * width, self.features) + bias
