@@ -29,6 +29,15 @@ def test_failed_subprocess_case_is_reported_not_raised():
     assert "error" in result and "FAILED" in benchmark.summary_line(result)
 
 
+def test_a_failed_case_says_how_far_it_got_and_why():
+    noise = "W0000 some XLA warning\nIf you'd like to file a bug, run with envvar XLA_FLAGS=...\n"
+    progress = "benchmark: step compiled in 50.0 s\n"
+    assert benchmark._failure(-9, progress + noise) == ["benchmark: step compiled in 50.0 s",
+                                                         "killed by signal 9 (SIGKILL: out of memory?)"]
+    traceback = "Traceback (most recent call last):\n  File \"x.py\", line 1\n    f()\nValueError: bad size\n"
+    assert benchmark._failure(1, progress + traceback + noise)[-1] == "ValueError: bad size"
+
+
 def test_unet_case_reports_flops_and_the_forward_share():
     result = benchmark.run_case("unet:64:batch=2+2", repeats=1)
     assert result["batch"] == "4+0" and result["terms"] == "sup"
@@ -41,8 +50,58 @@ def test_unet_case_reports_flops_and_the_forward_share():
 
 
 def test_remat_option_sets_the_switch_and_rejects_other_values():
-    assert benchmark._acdc_config(64, None, "all", "off").arco.remat_student is False
-    assert benchmark._acdc_config(64, None, "all", "on").arco.remat_student is True
-    assert benchmark._acdc_config(64, None, "all").arco.remat_student is True  # configs/acdc.py
+    assert benchmark.step_config("acdc", (64, 64), remat="off").arco.remat_student is False
+    assert benchmark.step_config("acdc", (64, 64), remat="on").arco.remat_student is True
+    assert benchmark.step_config("acdc", (64, 64)).arco.remat_student is True  # configs/acdc.py
     with pytest.raises(ValueError, match="remat='yes'"):
-        benchmark._acdc_config(64, None, "all", "yes")
+        benchmark.step_config("acdc", (64, 64), remat="yes")
+
+
+def test_step_and_window_configs_come_from_the_config_files():
+    la = benchmark.step_config("la", None)
+    assert la.data.patch_size == (80, 112, 112) and la.model.name == "vnet" and la.arco.remat_student is True
+    assert (la.data.batch_labeled, la.data.batch_unlabeled) == (4, 4) and la.data.dataset == "la"
+    small = benchmark.step_config("la", (16, 32, 32), batch="2+3", dtype="bfloat16", filters="4")
+    assert small.data.patch_size == (16, 32, 32) and (small.data.batch_labeled, small.data.batch_unlabeled) == (2, 3)
+    assert small.model.dtype == "bfloat16" and small.model.vnet.n_filters == 4
+    with pytest.raises(ValueError, match="n_filters"):
+        benchmark.step_config("acdc", (64, 64), filters="4")
+    with pytest.raises(ValueError, match="unknown option"):
+        benchmark.run_case("step3d:16x32x32:steps=3", repeats=1)
+    with pytest.raises(ValueError, match="3-D size"):
+        benchmark.run_case("step3d:64", repeats=1)
+    assert benchmark.expand_cases("la,sampler:10:2") == [*benchmark.LA_CASES, "sampler:10:2"]
+
+
+def _check_memory(memory):
+    assert set(memory) == {*benchmark.MEMORY_PARTS, "buffers", "total"}
+    assert memory["buffers"] == memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    assert memory["total"] == memory["buffers"] + memory["generated_code"]
+    assert memory["argument"] > 0 and memory["temp"] > 0 and 0 <= memory["alias"] <= memory["argument"]
+
+
+def test_3d_step_case_reports_flops_and_compiled_memory():
+    """The 3-D ARCO step of configs/la.py at a tiny size, compiled but not run (run=off: no
+    state is built, so the one cost is the step's compilation, about 45 s on two cores at any
+    size; the running path is the 2-D cases', tested above), remat off so that it compiles
+    once, without stage 1 (whose windows do not fit so small a patch)."""
+    result = benchmark.run_case("step3d:16x32x32:batch=2+2:filters=4:remat=off:stage1=off:run=off", repeats=1)
+    assert result["kind"] == "step3d" and result["patch_size"] == [16, 32, 32] and result["batch"] == "2+2"
+    assert result["model"] == "vnet" and result["vnet_filters"] == 4 and result["terms"] == "all"
+    assert result["sampler"] == "sag" and result["rep_dim"] == 16 and result["remat_student"] is False
+    assert result["compile_s"] > 0 and result["flops"] > 0
+    assert "median_s" not in result and result["gflops_per_s"] is None and result["peak_memory_bytes"] is None
+    _check_memory(result["compiled_memory"])
+    assert result["step_buffers_bytes"] == result["compiled_memory"]["buffers"]
+    assert result["peak_memory_before_running_bytes"] > 0 and "compiled_memory_without_remat" not in result
+    assert result["environment"]["platform"] and "commit" in result["environment"]
+    line = benchmark.summary_line(result)
+    assert "not run" in line and "compiled" in line
+
+
+def test_window_case_counts_windows_and_times_one_volume():
+    result = benchmark.run_case("window3d:20x40x40:window=16x32x32:stride=8x16x16:filters=4", repeats=1)
+    assert result["window"] == [16, 32, 32] and result["stride"] == [8, 16, 16]
+    assert result["windows"] == 2 * 2 * 2 and result["window_batches"] == 2  # batches of 4 (configs/la.py)
+    assert result["median_s"] > 0 and result["seconds_per_window"] == result["median_s"] / 8
+    assert result["flops"] > 0 and "s/volume" in benchmark.summary_line(result)
