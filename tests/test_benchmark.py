@@ -80,6 +80,7 @@ def _check_memory(memory):
     assert memory["argument"] > 0 and memory["temp"] > 0 and 0 <= memory["alias"] <= memory["argument"]
 
 
+@pytest.mark.slow  # about a minute of compilation; its config path is checked above, its report by the 2-D case
 def test_3d_step_case_reports_flops_and_compiled_memory():
     """The 3-D ARCO step of configs/la.py at a tiny size, compiled but not run (run=off: no
     state is built, so the one cost is the step's compilation, about 45 s on two cores at any

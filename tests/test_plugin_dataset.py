@@ -119,7 +119,7 @@ def test_selecting_the_dataset_records_its_metadata_and_fields(toy_registered):
 def test_unknown_dataset_is_named_with_the_known_ones():
     c = base_config()
     c.data.dataset = "pascal_voc_2031"
-    with pytest.raises(ConfigError, match="'pascal_voc_2031' is not a registered dataset; known: acdc, la, phantom"):
+    with pytest.raises(ConfigError, match="'pascal_voc_2031' is not a registered dataset; known: acdc, la, la_phantom, phantom"):
         validate(c)
 
 
