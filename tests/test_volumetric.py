@@ -134,19 +134,25 @@ def test_stage1_cubes_are_the_reference_windows_of_volumes():
 
 
 def test_volumetric_arco_trains_and_is_tested_by_sliding_windows(blobs_registered, tmp_path):
-    """One step of 3-D stage 1 (relational pretraining over cubes of the logits), then one of
-    ARCO with every term, then the sliding-window test."""
-    c = blobs_config()
-    c.pretrain.steps, c.pretrain.window, c.pretrain.window_grid, c.pretrain.queue_size = 1, 16, 4, 8
-    results = train.train_and_evaluate(c, tmp_path / "run")
+    results = train.train_and_evaluate(blobs_config(), tmp_path / "run")
     assert results["evaluator"] == "sliding_window" and set(results["test"]) == {"last"}
     record = results["test"]["last"]
     assert record["num_cases"] == 2 and set(record["per_class"]) == {"blob"}
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in lines if r["split"] == "val"]  # no val split: no selection
-    stage1_line, train_line = [r for r in lines if r["split"] == "train"]
-    assert (stage1_line["stage"], train_line["stage"]) == (1, 2)
-    assert all(np.isfinite(stage1_line[f"loss_{term}"]) for term in ("sup", "rel_global", "rel_local"))
+    (train_line,) = [r for r in lines if r["split"] == "train"]
     for term in ("sup", "unsup", "contrast", "eqv", "nn"):
         assert np.isfinite(train_line[f"loss_{term}"]) and train_line[f"loss_{term}"] > 0, term
     assert train_line["contrast_classes"] > 0
+
+
+@pytest.mark.slow  # a second compiled 3-D job (about 45 s); the cubes are tested against a loop above
+def test_volumetric_stage1_then_arco(blobs_registered, tmp_path):
+    """One step of 3-D stage 1 (relational pretraining over cubes of the logits), then one of ARCO."""
+    c = blobs_config()
+    c.pretrain.steps, c.pretrain.window, c.pretrain.window_grid, c.pretrain.queue_size = 1, 16, 4, 8
+    train.train_and_evaluate(c, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stage1_line, train_line = [r for r in lines if r["split"] == "train"]
+    assert (stage1_line["stage"], train_line["stage"]) == (1, 2)
+    assert all(np.isfinite(stage1_line[f"loss_{term}"]) for term in ("sup", "rel_global", "rel_local"))
