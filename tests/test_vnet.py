@@ -132,7 +132,8 @@ def test_up_convolution_equals_flax_conv_transpose():
 @pytest.mark.parametrize("planes", [True, False], ids=["cpu_planes", "native_3d"])
 def test_both_convolution_lowerings_equal_flax_conv(monkeypatch, planes):
     """The 3x3x3 and 2x2x2 stride-2 layers: the CPU form (2-D planes, block matmul) and XLA's
-    3-D convolution both compute nn.Conv's function with nn.Conv's parameters."""
+    3-D convolution both compute nn.Conv's function and gradients with nn.Conv's parameters
+    (the planes' gradients are written by hand for XLA:CPU: unet.conv3x3_same)."""
     monkeypatch.setattr(vnet, "planes_lowering", lambda: planes)
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 4, 6, 8, 5)), jnp.float32)
     init = {"kernel_init": nn.initializers.normal(1.0), "bias_init": nn.initializers.normal(1.0)}
@@ -141,6 +142,10 @@ def test_both_convolution_lowerings_equal_flax_conv(monkeypatch, planes):
         params = ours.init(jax.random.key(7, impl="rbg"), x)
         assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_conv.init(jax.random.key(7), x))
         np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-4, atol=1e-4)
+        weights = jnp.asarray(np.random.default_rng(8).normal(size=ours.apply(params, x).shape), jnp.float32)
+        grads = [jax.grad(lambda p, x, m=module: jnp.sum(m.apply(p, x) * weights), argnums=(0, 1))(params, x)
+                 for module in (ours, flax_conv)]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
 
 
 def random_features(seed, level_dims, batch=2, size=(8, 16, 24)):

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from arco_jax.models.unet import BN_EPSILON, BN_MOMENTUM, Initializer, conv_parameters, uniform_fan_in
+from arco_jax.models.unet import BN_EPSILON, BN_MOMENTUM, Initializer, conv3x3_same, conv_parameters, uniform_fan_in
 
 Dtype = Any
 
@@ -80,8 +80,7 @@ def conv3x3x3_as_planes(x: jax.Array, kernel: jax.Array) -> jax.Array:
     padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
     stacked = jnp.concatenate([padded[:, tap:tap + depth] for tap in range(3)], axis=-1)
     planes_kernel = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(3, 3, 3 * channels, kernel.shape[-1])
-    y = lax.conv_general_dilated(stacked.reshape(batch * depth, height, width, 3 * channels), planes_kernel,
-                                 (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv3x3_same(stacked.reshape(batch * depth, height, width, 3 * channels), planes_kernel)
     return y.reshape(batch, depth, height, width, kernel.shape[-1])
 
 
