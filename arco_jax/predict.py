@@ -3,7 +3,11 @@
   python -m arco_jax.predict --workdir=runs/acdc_sg_7 --input=scan.nii.gz --output=preds
       [--checkpoint=best] [--png]
 
---input is one file or a folder of them (not recursive; other files are ignored):
+--input is one file or a folder of them (not recursive; other files are ignored). --output is a
+folder (created), or, for a single input file, the prediction's own file name when it ends
+with the input's kind of suffix (scan.nii.gz -> pred.nii.gz or pred.nii, scan.h5 -> pred.h5;
+its PNGs, with --png, go to <stem>_png/ beside it). Each file is written under a temporary name
+and renamed when complete, so an interrupted run leaves no half-written prediction:
 * NIfTI (.nii, .nii.gz), 3-D: the array is (x, y, z) in NIfTI voxel order. It is turned into
   the SSL4MIS h5 layout, (z, y, x), which is what SimpleITK's GetArrayFromImage gives for the
   same file and what the SSL4MIS ACDC conversion stored, so slices reach the network in the
@@ -241,40 +245,83 @@ def write_overlays(image: np.ndarray, labels: np.ndarray, directory: Path) -> li
     return paths
 
 
-def predict_scan(model: inference.TrainedModel, path: Path, output_dir: Path, png: bool = False) -> list[Path]:
-    """Segment one scan with the run's preprocessing and prediction; returns the files written
-    (prediction first, then any PNGs)."""
+def default_destination(path: Path, output_dir: Path) -> Path:
+    """Where a scan's prediction goes in an output folder: <name>_pred.nii.gz or <name>_pred.h5."""
+    suffix = H5_SUFFIX if path.name.endswith(H5_SUFFIX) else ".nii.gz"
+    return output_dir / f"{scan_name(path)}{PRED_SUFFIX}{suffix}"
+
+
+def destinations(paths: list[Path], input_path: str | Path, output: str | Path) -> dict[Path, Path]:
+    """{scan: prediction file} for the --output argument: a folder, or a file name (a scan
+    suffix) for a single input file of the same kind. Checked before anything is computed."""
+    output = Path(output)
+    if scan_name(output) is None:
+        if output.is_file():
+            raise InputError(f"--output {output} is an existing file, not a folder; name a folder, or a "
+                             f"{', '.join(SUFFIXES)} file for a single input")
+        return {path: default_destination(path, output) for path in paths}
+    if Path(input_path).is_dir():
+        raise InputError(f"--output {output} names a file, but --input {input_path} is a folder of "
+                         f"{len(paths)} scan(s): give a folder for --output")
+    (path,) = paths
+    wanted = (H5_SUFFIX,) if path.name.endswith(H5_SUFFIX) else NIFTI_SUFFIXES
+    if not output.name.endswith(wanted):
+        raise InputError(f"--output {output}: the prediction of {path.name} is written as "
+                         f"{' or '.join(wanted)}, not as {output.name}")
+    if output.is_dir():
+        raise InputError(f"--output {output} is an existing folder; a file of that name cannot be written")
+    return {path: output}
+
+
+def _write_atomically(destination: Path, write) -> None:
+    """write(temporary path) then rename to `destination`: no half-written prediction is left.
+    The temporary name keeps the suffix (nibabel picks gzip from it)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(f".partial-{destination.name}")
+    try:
+        write(partial)
+        partial.replace(destination)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def predict_scan(model: inference.TrainedModel, path: Path, output_dir: Path, png: bool = False,
+                 destination: Path | None = None) -> list[Path]:
+    """Segment one scan with the run's preprocessing and prediction, into `destination`
+    (default_destination in output_dir when None); returns the files written (prediction
+    first, then any PNGs: <name>_png/ in output_dir, or <destination's stem>_png/ beside it)."""
     dataset = model.dataset
     scan = read_scan(path, dataset.h5_axes)
     image = normalize(scan.volume, path, dataset.intensity)
     labels = model.predict_volume(image)
+    written = destination if destination is not None else default_destination(path, Path(output_dir))
     if scan.nifti is not None:
-        written = output_dir / f"{scan.name}{PRED_SUFFIX}.nii.gz"
-        write_nifti(scan, labels, written, model.num_classes)
+        _write_atomically(written, lambda target: write_nifti(scan, labels, target, model.num_classes))
     else:
-        written = output_dir / f"{scan.name}{PRED_SUFFIX}{H5_SUFFIX}"
-        write_h5(scan, labels, written, model.step)
+        _write_atomically(written, lambda target: write_h5(scan, labels, target, model.step))
     pngs = []
     if png:
         display = image if dataset.intensity == "minmax" else normalize(scan.volume, path, "minmax")
-        pngs = write_overlays(display, labels, output_dir / f"{scan.name}_png")
+        stem = scan.name if destination is None else scan_name(destination)
+        pngs = write_overlays(display, labels, written.parent / f"{stem}_png")
     return [written, *pngs]
 
 
-def predict(workdir: str | Path, input_path: str | Path, output_dir: str | Path,
+def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
             checkpoint: str | int = "best", png: bool = False) -> list[Path]:
-    """Segment a scan or a folder of scans with a trained run; returns the files written."""
+    """Segment a scan or a folder of scans with a trained run into an output folder, or one
+    scan into an output file; returns the files written."""
     paths = list_scans(input_path)
     for path in paths:
         check_scan(path)
+    targets = destinations(paths, input_path, output)
     model = inference.load_model(workdir, checkpoint)
     if model.num_classes > 256:
         raise inference.WorkdirError(f"{model.num_classes} classes do not fit the uint8 label maps")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    named_file = scan_name(Path(output)) is not None
     written = []
-    for path in paths:
-        written += predict_scan(model, path, output_dir, png)
+    for path, destination in targets.items():
+        written += predict_scan(model, path, destination.parent, png, destination if named_file else None)
     return written
 
 
@@ -284,7 +331,8 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("workdir", None, "Workdir of a trained run (config.json, checkpoints/).")
     flags.DEFINE_string("input", None, "A .nii/.nii.gz/.h5 volume or a folder of them.")
-    flags.DEFINE_string("output", None, "Folder for <name>_pred.nii.gz / <name>_pred.h5 (created).")
+    flags.DEFINE_string("output", None, "Folder for <name>_pred.nii.gz / <name>_pred.h5 (created), or, for one "
+                        "input file, the prediction's file name (.nii.gz/.nii for NIfTI, .h5 for h5).")
     flags.DEFINE_string("checkpoint", "best", "'best', 'last' or a saved step number.")
     flags.DEFINE_bool("png", False, "Also write per-slice overlays into <output>/<name>_png/.")
     flags.mark_flags_as_required(["workdir", "input", "output"])

@@ -318,6 +318,65 @@ def test_predict_command_line_writes_png_overlays(run, tmp_path):
         assert picture.mode == "RGB" and picture.size == (256, 256)  # 32 px enlarged 8x
 
 
+def test_predict_writes_one_input_into_the_file_that_output_names(run, tmp_path):
+    """--output pred.nii.gz for one scan is that file (not a folder of that name); .nii and
+    .h5 likewise; PNGs go to <stem>_png/ beside it; nothing temporary is left."""
+    _, image, _ = phantom_volume(run)
+    scan = write_nifti(tmp_path / "scan.nii.gz", 1024.0 * image)
+    h5_scan = write_h5_scan(tmp_path / "scan.h5", image)
+    out = tmp_path / "out"
+    written = predict.predict(run.workdir, scan, out / "pred.nii.gz", checkpoint="last", png=True)
+    assert written[0] == out / "pred.nii.gz" and (out / "pred.nii.gz").is_file()
+    assert [p.parent for p in written[1:]] == [out / "pred_png"] * image.shape[0]
+    assert predict.predict(run.workdir, scan, out / "plain.nii", checkpoint="last") == [out / "plain.nii"]
+    assert predict.predict(run.workdir, h5_scan, out / "labels.h5", checkpoint="last") == [out / "labels.h5"]
+    labels = np.asarray(nib.load(out / "pred.nii.gz").dataobj)
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "plain.nii").dataobj), labels)
+    with h5py.File(out / "labels.h5", "r") as f:
+        np.testing.assert_array_equal(f["label"][()], np.transpose(labels, (2, 1, 0)))
+    assert sorted(p.name for p in out.iterdir()) == ["labels.h5", "plain.nii", "pred.nii.gz", "pred_png"]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("folder_into_file", r"--output .*pred\.nii\.gz names a file, but --input .* is a folder of 2 scan\(s\)"),
+    ("nifti_into_h5", r"the prediction of scan\.nii\.gz is written as \.nii\.gz or \.nii, not as pred\.h5"),
+    ("h5_into_nifti", r"the prediction of other\.h5 is written as \.h5, not as pred\.nii\.gz"),
+    ("file_is_a_folder", r"pred\.nii\.gz is an existing folder"),
+    ("folder_is_a_file", r"--output .*taken is an existing file, not a folder"),
+])
+def test_predict_rejects_an_output_it_cannot_write_before_restoring_the_model(tmp_path, problem, message):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nifti = write_nifti(scans / "scan.nii.gz", np.random.default_rng(0).random((3, 8, 8)).astype(np.float32))
+    h5_scan = write_h5_scan(scans / "other.h5", np.ones((3, 8, 8), np.float32))
+    source, output = {"folder_into_file": (scans, tmp_path / "pred.nii.gz"),
+                      "nifti_into_h5": (nifti, tmp_path / "pred.h5"),
+                      "h5_into_nifti": (h5_scan, tmp_path / "pred.nii.gz"),
+                      "file_is_a_folder": (nifti, tmp_path / "pred.nii.gz"),
+                      "folder_is_a_file": (nifti, tmp_path / "taken")}[problem]
+    if problem == "file_is_a_folder":
+        output.mkdir()
+    if problem == "folder_is_a_file":
+        output.write_text("not a folder")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(predict.InputError, match=message):  # no workdir: the checks come first
+        predict.predict(tmp_path / "no_workdir", source, output)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_interrupted_write_leaves_no_prediction(model, tmp_path, monkeypatch):
+    scan = write_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(1).random((3, 16, 16)).astype(np.float32))
+
+    def fails_halfway(scan, labels, path, num_classes):
+        path.write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(predict, "write_nifti", fails_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        predict.predict_scan(model, scan, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_overlay_colours_fills_and_contours():
     image = np.full((4, 4), 0.5, np.float32)
     labels = np.zeros((4, 4), np.int32)
