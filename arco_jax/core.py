@@ -90,12 +90,15 @@ def stage2_keys(key: jax.Array) -> dict[str, jax.Array]:
 class LossOutput(NamedTuple):
     """What a stage-2 loss returns beside the scalar: `terms`, the unweighted value of each term
     it computes; the student's updated BatchNorm statistics; `update`, what the method writes
-    into its part of the state after the guard (None: nothing); scalar metrics."""
+    into its part of the state after the guard (None: nothing); scalar metrics; the teacher's
+    running statistics after its train-mode passes (teacher_pass), or None where the teacher ran
+    none: its statistics then follow the student's by the EMA of the parameters."""
 
     terms: dict
     batch_stats: dict
     update: Any
     metrics: dict
+    teacher_batch_stats: dict | None = None
 
 
 def eval_variables(state: TrainState, model: str) -> dict:
@@ -115,13 +118,27 @@ def student_forward(nets: Networks, segmenter_params: dict, batch_stats: dict, i
 
 
 def teacher_forward(nets: Networks, teacher: dict, images: jax.Array, key: jax.Array, train_mode: bool):
-    """(logits, features) of the EMA teacher's segmenter, constant for the gradient. In train
-    mode (the reference) it uses dropout and batch statistics; its running statistics are not
-    updated either way."""
-    variables = {"params": teacher["params"]["segmenter"], "batch_stats": teacher["batch_stats"]}
+    """(logits, features) of the EMA teacher's segmenter, constant for the gradient
+    (teacher_pass without its running statistics)."""
+    return teacher_pass(nets, teacher, images, key, train_mode)[0]
+
+
+def teacher_pass(nets: Networks, teacher: dict, images: jax.Array, key: jax.Array, train_mode: bool,
+                 batch_stats: dict | None = None):
+    """((logits, features), running statistics) of one EMA-teacher pass, constant for the
+    gradient. In train mode (the reference) it uses dropout and batch statistics and moves the
+    BatchNorm running statistics it starts from (`batch_stats`, default the teacher's) as
+    PyTorch's BatchNorm moves the buffers of the reference's EMA teacher, which runs in train
+    mode and averages only its parameters; in eval mode it reads them and returns them as they
+    were. The statistics a step's passes leave are the teacher's (LossOutput.teacher_batch_stats),
+    so the teacher's eval-mode prediction (eval.model='teacher') normalises with statistics of
+    its own activations."""
+    stats = teacher["batch_stats"] if batch_stats is None else batch_stats
+    variables = {"params": teacher["params"]["segmenter"], "batch_stats": stats}
     if train_mode:
-        (logits, features), _ = nets.segmenter.apply(variables, images, train=True, rngs={"dropout": key},
-                                                     mutable=["batch_stats"])
+        outputs, updated = nets.segmenter.apply(variables, images, train=True, rngs={"dropout": key},
+                                                mutable=["batch_stats"])
+        stats = updated["batch_stats"]
     else:
-        logits, features = nets.segmenter.apply(variables, images, train=False)
-    return jax.lax.stop_gradient((logits, features))
+        outputs = nets.segmenter.apply(variables, images, train=False)
+    return jax.lax.stop_gradient((tuple(outputs), stats))

@@ -27,7 +27,7 @@ import ml_collections
 
 from arco_jax import augment, losses, memory, parallel, sampling
 from arco_jax.consistency import consistency_term, consistency_weight
-from arco_jax.core import Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward, teacher_forward
+from arco_jax.core import Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward, teacher_pass
 
 TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")  # what arco_loss reports
 
@@ -36,13 +36,16 @@ ARCO_UNLABELED_TERMS = ("unsup", "contrast", "eqv", "nn")  # Terms that need the
 
 @dataclasses.dataclass
 class Forward:
-    """Runs the student (train mode, threading BatchNorm statistics) and the teacher."""
+    """Runs the student (train mode, threading BatchNorm statistics) and the teacher (threading
+    its running statistics through its train-mode passes: teacher_batch_stats, None until one
+    has run)."""
 
     config: ml_collections.ConfigDict
     nets: Networks
     params: dict
     teacher: dict
     batch_stats: dict
+    teacher_batch_stats: dict | None = None
 
     def _student_apply(self, batch_stats: dict, images: jax.Array, key: jax.Array):
         """One train-mode student forward: ((logits, features), updated batch statistics)."""
@@ -99,8 +102,12 @@ class Forward:
         return outputs
 
     def teacher_net(self, images: jax.Array, key: jax.Array):
-        """Teacher predictions, constant for the gradient (core.teacher_forward)."""
-        return teacher_forward(self.nets, self.teacher, images, key, self.config.arco.teacher_train_mode)
+        """Teacher predictions, constant for the gradient (core.teacher_pass)."""
+        outputs, stats = teacher_pass(self.nets, self.teacher, images, key, self.config.arco.teacher_train_mode,
+                                      self.teacher_batch_stats)
+        if self.config.arco.teacher_train_mode:
+            self.teacher_batch_stats = stats
+        return outputs
 
     def head(self, which: str, method: str, *args):
         params = self.params["head"] if which == "student" else self.teacher["params"]["head"]
@@ -395,11 +402,14 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l, config.data.ignore_label)
     metrics = dict(sup_parts)
     if w.consistency > 0:
-        terms["consistency"] = consistency_term(keys["consistency"], config, nets, state.teacher, out["clean"][0],
-                                                batch.image_u)
+        terms["consistency"], stats = consistency_term(keys["consistency"], config, nets, state.teacher,
+                                                       out["clean"][0], batch.image_u, fwd.teacher_batch_stats)
+        if a.teacher_train_mode:
+            fwd.teacher_batch_stats = stats
         weights["consistency"] = metrics["consistency_weight"] = consistency_weight(config, progress)
     if not arco_unlabeled:
-        return _weighted_sum(weights, terms), LossOutput(terms, fwd.batch_stats, (None, None), metrics)
+        return _weighted_sum(weights, terms), LossOutput(terms, fwd.batch_stats, (None, None), metrics,
+                                                         fwd.teacher_batch_stats)
 
     logits_u, features_u = out["strong"]
     if w.unsup > 0:
@@ -437,7 +447,8 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         warped_mask = augment.warp_affine(mask[..., None].astype(jnp.float32), matrices, order=1)[..., 0]
         terms["eqv"] = losses.equivariance_loss(warped_logits, target, warped_mask)
 
-    return _weighted_sum(weights, terms), LossOutput(terms, fwd.batch_stats, (bank_push, pool_rows), metrics)
+    return _weighted_sum(weights, terms), LossOutput(terms, fwd.batch_stats, (bank_push, pool_rows), metrics,
+                                                     fwd.teacher_batch_stats)
 
 
 def _weighted_sum(weights: dict, terms: dict) -> jax.Array:

@@ -41,7 +41,7 @@ import ml_collections
 import optax
 
 from arco_jax import augment, losses, memory
-from arco_jax.core import Batch, Networks, TrainState, student_forward, teacher_forward
+from arco_jax.core import Batch, Networks, TrainState, student_forward, teacher_pass
 from arco_jax.models.relational import LinearPair, num_windows, pooled_windows
 
 JITTER_STRENGTH = (0.8, 1.2)  # the reference's ColorJitter(brightness=0.2, contrast=0.2)
@@ -168,8 +168,10 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
                     config: ml_collections.ConfigDict, nets: Networks):
     """Stage-1 loss of the student `trainable` = {'segmenter', 'heads'}.
 
-    Returns (loss, (terms, batch_stats, queue_rows, metrics)); queue_rows = (global, local)
-    L2-normalised teacher embeddings of this batch, pushed into the queues after the update.
+    Returns (loss, (terms, (batch_stats, teacher_stats), queue_rows, metrics)): the student's
+    and the teacher's running statistics after their passes (the teacher's None in eval mode);
+    queue_rows = (global, local) L2-normalised teacher embeddings of this batch, pushed into
+    the queues after the update.
     """
     p, rel, r = config.pretrain, state.methods["relational"], nets.methods["relational"]
     jitter_key, blur_key, student_key, teacher_key = jax.random.split(key, 4)
@@ -180,8 +182,8 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
     (logits, features), batch_stats = student_forward(nets, trainable["segmenter"], state.batch_stats, student_view,
                                                       student_key)
     # The reference's teacher (arco.teacher_train_mode): dropout on, batch statistics.
-    t_logits, t_features = teacher_forward(nets, state.teacher, teacher_view, teacher_key,
-                                           config.arco.teacher_train_mode)
+    (t_logits, t_features), teacher_stats = teacher_pass(nets, state.teacher, teacher_view, teacher_key,
+                                                         config.arco.teacher_train_mode)
     t_bottleneck = t_features[0]
 
     sup, sup_parts = losses.supervised_loss(logits[:batch.image_l.shape[0]], batch.label_l, config.data.ignore_label)
@@ -208,7 +210,8 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
     total = terms["sup"] + p.global_weight * terms["rel_global"] + p.local_weight * terms["rel_local"]
     queue_rows = (losses.l2_normalize(global_teacher),
                   losses.l2_normalize(local_teacher).reshape(batch_size, count * size))
-    return total, (terms, batch_stats, queue_rows, dict(sup_parts))
+    teacher_stats = teacher_stats if config.arco.teacher_train_mode else None
+    return total, (terms, (batch_stats, teacher_stats), queue_rows, dict(sup_parts))
 
 
 def hand_over(state: TrainState) -> TrainState:

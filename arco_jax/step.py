@@ -74,7 +74,8 @@ def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: opta
         student = {"segmenter": params["segmenter"], "head": params["head"]}
         teacher = {
             "params": ema(student, state.teacher["params"], decay),
-            "batch_stats": ema(out.batch_stats, state.teacher["batch_stats"], decay),
+            "batch_stats": (out.teacher_batch_stats if out.teacher_batch_stats is not None
+                            else ema(out.batch_stats, state.teacher["batch_stats"], decay)),
         }
         updated = state.replace(step=state.step + 1, params=params, batch_stats=out.batch_stats,
                                 opt_state=opt_state, teacher=teacher)

@@ -15,8 +15,11 @@ import pytest
 
 from arco_jax import config as config_lib
 from arco_jax import state as state_lib
+from arco_jax import core, objective
+from arco_jax.core import LossOutput
 from arco_jax.objective import Batch
-from arco_jax.step import make_train_step
+from arco_jax.state import stage2_progress
+from arco_jax.step import make_stage2_step, make_train_step
 from arco_jax.data import registry
 
 NUM_CLASSES = 3
@@ -168,10 +171,52 @@ def test_teacher_is_the_ema_of_the_updated_student(full):
                                 old_t["params"][part], new_s[part])
         for got, want in zip(jax.tree.leaves(new_t["params"][part]), jax.tree.leaves(expected)):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    # BatchNorm running statistics follow the student's the same way.
-    expected = jax.tree.map(lambda t, s: decay * t.astype(np.float64) + (1 - decay) * s,
-                            old_t["batch_stats"], to_numpy(new.batch_stats))
-    for got, want in zip(jax.tree.leaves(new_t["batch_stats"]), jax.tree.leaves(expected)):
+    # BatchNorm running statistics: those the teacher's own train-mode passes of this step leave
+    # (core.teacher_pass, as PyTorch moves the reference teacher's buffers), from its old ones;
+    # not an average of the student's.
+    key, progress = jax.random.fold_in(shifted.rng, shifted.step), stage2_progress(full.config, shifted.step)
+    _, out = jax.jit(lambda s: objective.arco_loss(s.params, s, full.batch, key, progress, full.config,
+                                                   full.nets))(shifted)
+    for got, want in zip(jax.tree.leaves(new_t["batch_stats"]), jax.tree.leaves(to_numpy(out.teacher_batch_stats))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)  # another compilation: the last bits differ
+    averaged = jax.tree.map(lambda t, s: decay * t + (1 - decay) * s, old_t["batch_stats"], to_numpy(new.batch_stats))
+    assert max(float(np.max(np.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(new_t["batch_stats"]), jax.tree.leaves(averaged))) > 1e-3
+
+
+def test_teacher_pass_moves_its_running_statistics_only_in_train_mode(full):
+    """Train mode: flax's BatchNorm update from the statistics it is given (the teacher's by
+    default); eval mode: those statistics, unchanged, and the outputs of an eval-mode apply."""
+    teacher = jax.tree.map(lambda x: 1.05 * x + 0.01, full.state0.teacher)
+    images, key = full.batch.image_l, jax.random.key(3)
+    variables = {"params": teacher["params"]["segmenter"], "batch_stats": teacher["batch_stats"]}
+    expected, updated = full.nets.segmenter.apply(variables, images, train=True, rngs={"dropout": key},
+                                                  mutable=["batch_stats"])
+    outputs, stats = core.teacher_pass(full.nets, teacher, images, key, True)
+    assert_trees_equal(outputs, tuple(expected))
+    assert_trees_equal(stats, updated["batch_stats"])
+    _, chained = core.teacher_pass(full.nets, teacher, images, key, True, batch_stats=stats)
+    _, twice = full.nets.segmenter.apply({**variables, "batch_stats": updated["batch_stats"]}, images, train=True,
+                                         rngs={"dropout": key}, mutable=["batch_stats"])
+    assert_trees_equal(chained, twice["batch_stats"])
+    outputs, stats = core.teacher_pass(full.nets, teacher, images, key, False)
+    assert_trees_equal(outputs, tuple(full.nets.segmenter.apply(variables, images, train=False)))
+    assert_trees_equal(stats, teacher["batch_stats"])
+
+
+def test_a_loss_without_teacher_statistics_has_the_teacher_follow_the_students(full):
+    """LossOutput.teacher_batch_stats None (the teacher ran no train-mode pass): the teacher's
+    running statistics are the EMA of the student's, as its parameters."""
+    def student_stats_only(params, state, batch, key, progress, config, nets):
+        stats = jax.tree.map(lambda x: x + 1.0, state.batch_stats)
+        return jnp.sum(jax.tree.leaves(params["segmenter"])[0] ** 2), LossOutput({"sup": jnp.float32(0)}, stats, None, {})
+
+    step = jax.jit(make_stage2_step(full.config, full.nets, full.tx, student_stats_only))
+    new, _ = step(full.state0, full.batch)
+    decay = full.config.arco.ema_decay
+    expected = jax.tree.map(lambda t, s: decay * t + (1 - decay) * (s + 1.0), to_numpy(full.state0.teacher["batch_stats"]),
+                            to_numpy(full.state0.batch_stats))
+    for got, want in zip(jax.tree.leaves(to_numpy(new.teacher["batch_stats"])), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 

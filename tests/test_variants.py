@@ -435,8 +435,10 @@ def test_consistency_term_matches_a_hand_computation(model):
         image_u, train=False)
     expected = np.mean((softmax(np.asarray(student_logits, np.float64))
                         - softmax(np.asarray(teacher_logits, np.float64))) ** 2)
-    ours = consistency.consistency_term(key(10), config, nets, state.teacher, student_logits, image_u)
+    ours, stats = consistency.consistency_term(key(10), config, nets, state.teacher, student_logits, image_u)
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    # An eval-mode teacher reads its running statistics and moves none.
+    jax.tree.map(np.testing.assert_array_equal, stats, state.teacher["batch_stats"])
 
 
 def test_mean_teacher_loss_is_sup_plus_ramped_consistency_and_nothing_else(model):
@@ -444,8 +446,12 @@ def test_mean_teacher_loss_is_sup_plus_ramped_consistency_and_nothing_else(model
     config = methods.apply_method(tiny_config(), "mean_teacher")
     validate(config)
     progress = jnp.float32(0.5)
-    loss, (terms, _, update, metrics) = mean_teacher.mean_teacher_loss(
-        state.params, state, make_batch(4), key(11), progress, config, nets)
+    loss, out = mean_teacher.mean_teacher_loss(state.params, state, make_batch(4), key(11), progress, config, nets)
+    terms, update, metrics = out.terms, out.update, out.metrics
+    # The reference's teacher runs in train mode: its pass moved its running statistics.
+    assert config.arco.teacher_train_mode and out.teacher_batch_stats is not None
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(out.teacher_batch_stats),
+                                                     jax.tree.leaves(state.teacher["batch_stats"])))
     weight = float(consistency.consistency_weight(config, progress))
     assert weight > 0 and float(metrics["consistency_weight"]) == pytest.approx(weight)
     assert float(terms["consistency"]) > 0

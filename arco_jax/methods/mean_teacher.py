@@ -22,12 +22,13 @@ def mean_teacher_loss(params: dict, state: TrainState, batch: Batch, key: jax.Ar
     (logits, _), batch_stats = student_forward(nets, params["segmenter"], state.batch_stats,
                                                jnp.concatenate([batch.image_l, batch.image_u]), keys["student_l"])
     sup, parts = losses.supervised_loss(logits[:num_labeled], batch.label_l, config.data.ignore_label)
-    consistency = consistency_term(keys["consistency"], config, nets, state.teacher, logits[num_labeled:],
-                                   batch.image_u)
+    consistency, teacher_stats = consistency_term(keys["consistency"], config, nets, state.teacher,
+                                                  logits[num_labeled:], batch.image_u)
     weight = consistency_weight(config, progress)
     terms = {"sup": sup, "consistency": consistency}
     total = config.loss_weights.sup * sup + weight * consistency
-    return total, LossOutput(terms, batch_stats, None, {**parts, "consistency_weight": weight})
+    return total, LossOutput(terms, batch_stats, None, {**parts, "consistency_weight": weight},
+                             teacher_stats if config.arco.teacher_train_mode else None)
 
 
 METHOD = Method(name="mean_teacher", stage=2, terms=("sup", "consistency"),

@@ -27,7 +27,7 @@ def make_pretrain_step(config: ml_collections.ConfigDict, nets: Networks, tx=Non
         key = jax.random.fold_in(state.rng, state.step)
         trainable = {"segmenter": state.params["segmenter"], "heads": rel.params}
         grad_fn = jax.value_and_grad(pretrain.relational_loss, has_aux=True)
-        (loss, (terms, batch_stats, (global_rows, local_rows), metrics)), grads = grad_fn(
+        (loss, (terms, (batch_stats, teacher_stats), (global_rows, local_rows), metrics)), grads = grad_fn(
             trainable, state, batch, key, config, nets)
         updates, opt_state = own_tx.update(grads, rel.opt_state, trainable)
         new = optax.apply_updates(trainable, updates)
@@ -35,7 +35,8 @@ def make_pretrain_step(config: ml_collections.ConfigDict, nets: Networks, tx=Non
         teacher = {
             "params": {**state.teacher["params"],
                        "segmenter": step.ema(new["segmenter"], state.teacher["params"]["segmenter"], decay)},
-            "batch_stats": step.ema(batch_stats, state.teacher["batch_stats"], decay),
+            "batch_stats": (teacher_stats if teacher_stats is not None  # its own passes' (core.teacher_pass)
+                            else step.ema(batch_stats, state.teacher["batch_stats"], decay)),
         }
         teacher_heads = step.ema({"global_head": heads["global_head"], "local_head": heads["local_head"]},
                                  rel.teacher, decay)
