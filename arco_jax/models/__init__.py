@@ -11,9 +11,11 @@ Contract every registered architecture keeps, so the trainer never names one:
     (representations at chosen pixels only), 'region_sums' + 'output' (region means).
   projector.apply(projector_variables, reps) -> same shape; works on (..., rep_dim).
 
-To add an architecture (DeepLabv3+, a 3D VNet): write its module and head, add one
-`ModelSpec` to `_REGISTRY`, and give its settings a node `config.model.<name>` in
-config.base_config (models are plug-ins: the trainer reads only the fields below).
+To add an architecture: write its module and head, add one `ModelSpec` to `_REGISTRY`, and
+give its settings a node `config.model.<name>` in config.base_config (models are plug-ins: the
+trainer reads only the fields below). Registered: 'unet' (unet.py, heads.py), 'vnet' (vnet.py,
+heads3d.py) and 'deeplabv3plus' (deeplab.py on resnet.py; convert_torchvision.py turns a
+torchvision ResNet checkpoint into an init_from file).
 
 Config read: the `config.model` node (ml_collections.ConfigDict or any attribute object):
   name (required), rep_dim (default 496), and the architecture's own sub-config
@@ -35,6 +37,9 @@ import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
+from arco_jax.models import resnet
+from arco_jax.models.deeplab import ASPP_RATES, DeepLabHead, DeepLabV3Plus
+from arco_jax.models.deeplab import feature_strides as deeplab_feature_strides
 from arco_jax.models.heads import UNET_REP_DIM, FPNHead, Projector
 from arco_jax.models.heads3d import FPNHead3D, vnet_level_dims
 from arco_jax.models.unet import NUM_LEVELS, UNet
@@ -144,16 +149,59 @@ def _build_vnet_head(sub: Any, args: BuildArgs) -> nn.Module:
     return FPNHead3D(level_dims=vnet_level_dims(int(n_filters)), output_dim=args.rep_dim, dtype=args.dtype)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _deeplab_fields(sub: Any) -> tuple[Any, Any, Any]:
+    defaults = DeepLabV3Plus()
+    return (_field(sub, "depth", defaults.depth), _field(sub, "output_stride", defaults.output_stride),
+            _field(sub, "width", defaults.width))
+
+
+def _check_deeplab(sub: Any) -> list[tuple[str, str]]:
+    depth, output_stride, width = _deeplab_fields(sub)
+    problems = []
+    if not _is_int(depth) or depth not in resnet.DEPTHS:
+        problems.append(("deeplabv3plus.depth", f"must be one of {', '.join(map(str, resnet.DEPTHS))} (torchvision's "
+                                                f"ResNets), got {depth!r}"))
+    if not _is_int(output_stride) or output_stride not in ASPP_RATES:
+        problems.append(("deeplabv3plus.output_stride", f"must be 16 (ASPP rates 6/12/18) or 8 (12/24/36), got "
+                                                        f"{output_stride!r}"))
+    width_problem = resnet.width_problem(width)
+    if width_problem:
+        problems.append(("deeplabv3plus.width", width_problem))
+    return problems
+
+
+def _build_deeplab(sub: Any, args: BuildArgs) -> nn.Module:
+    problems = _check_deeplab(sub)
+    if problems:
+        raise ValueError(f"model.{problems[0][0]}: {problems[0][1]}")
+    depth, output_stride, width = _deeplab_fields(sub)
+    return DeepLabV3Plus(num_classes=args.num_classes, in_channels=args.in_channels, depth=int(depth),
+                         output_stride=int(output_stride), width=float(width), dtype=args.dtype)
+
+
+def _build_deeplab_head(sub: Any, args: BuildArgs) -> nn.Module:
+    return DeepLabHead(output_dim=args.rep_dim, dtype=args.dtype)
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     "unet": ModelSpec(segmenter=_build_unet, head=_build_unet_head, feature_strides=_unet_strides,
                       input_multiple=lambda sub: 2 ** (NUM_LEVELS - 1), check=_check_unet),
     "vnet": ModelSpec(segmenter=_build_vnet, head=_build_vnet_head, feature_strides=lambda sub: VNET_FEATURE_STRIDES,
                       input_multiple=lambda sub: 2 ** NUM_DOWNSAMPLINGS, check=_check_vnet, spatial_rank=3),
+    # Any input size: PyTorch's ceil arithmetic and align_corners upsampling (ReCo trains on 321 px).
+    "deeplabv3plus": ModelSpec(segmenter=_build_deeplab, head=_build_deeplab_head,
+                               feature_strides=lambda sub: deeplab_feature_strides(int(_deeplab_fields(sub)[1])),
+                               input_multiple=lambda sub: 1, check=_check_deeplab),
 }
 
 
 def known_models() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    """The registered names, in the order registered (messages list the original models first)."""
+    return tuple(_REGISTRY)
 
 
 def _model_node(config: Any) -> Any:
@@ -260,6 +308,8 @@ def load_pretrained(variables: Any, path: str) -> tuple[dict, int]:
 
 __all__ = [
     "BuildArgs",
+    "DeepLabHead",
+    "DeepLabV3Plus",
     "FPNHead",
     "ModelSpec",
     "Projector",
