@@ -201,9 +201,6 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     registry.validate(c)
     registry.resolve(c)
     rank = d.spatial_rank
-    if len(d.patch_size) != rank or min(d.patch_size) < 16 or any(s % 16 for s in d.patch_size):
-        _fail("data.patch_size", f"must be {rank} multiples of 16 (four 2x poolings) for this {rank}-D dataset, "
-              f"got {tuple(d.patch_size)}")
     for field in ("batch_labeled", "batch_unlabeled"):
         value = d[field]
         _positive(value, f"data.{field}")
@@ -216,6 +213,13 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
 
     for field, problem in models.check(c.model) + models.check_rank(c.model, d.spatial_rank):
         _fail(f"model.{field}", problem)
+    # What the patch must be a multiple of is the architecture's (UNet, VNet: 16, four 2x poolings;
+    # DeepLabv3+: any size, as ReCo's 321 px crops).
+    multiple = models.input_multiple(c)
+    patch = tuple(d.patch_size)
+    if len(patch) != rank or not all(isinstance(n, int) and n >= multiple and n % multiple == 0 for n in patch):
+        why = f"multiples of {multiple} (model '{c.model.name}')" if multiple > 1 else "positive integers"
+        _fail("data.patch_size", f"must be {rank} {why} for this {rank}-D dataset, got {patch}")
     if not isinstance(c.model.init_from, str):
         _fail("model.init_from", f"must be a path to an .npz file or '', got {c.model.init_from!r}")
     _choice(c.model.dtype, "model.dtype", COMPUTE_DTYPES)

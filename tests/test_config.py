@@ -168,6 +168,19 @@ def test_patch_size_multiples_of_16_pass(patch):
     validate(c)
 
 
+def test_patch_size_follows_the_models_input_multiple():
+    """The UNet needs multiples of 16; DeepLabv3+ takes any size (ReCo's 321 px crops)."""
+    c = phantom_config()
+    c.data.patch_size = (321, 321)
+    with pytest.raises(ConfigError, match=re.escape("data.patch_size: must be 2 multiples of 16 (model 'unet')")):
+        validate(c)
+    c.model.name, c.model.rep_dim = "deeplabv3plus", 256
+    validate(c)
+    c.data.patch_size = (321, 0)
+    with pytest.raises(ConfigError, match=re.escape("data.patch_size: must be 2 positive integers")):
+        validate(c)
+
+
 @pytest.mark.parametrize("field, other", [("batch_labeled", "batch_unlabeled"),
                                           ("batch_unlabeled", "batch_labeled")])
 def test_batch_must_divide_over_the_devices(field, other):
