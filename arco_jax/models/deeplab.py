@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from arco_jax.models.heads import align_corners_taps, resize_bilinear_align_corners, upsampling_adjoint
-from arco_jax.models.resnet import ResNet, batch_norm, dilation_for_output_stride
-from arco_jax.models.unet import uniform_fan_in
+from arco_jax.models.resnet import ResNet, dilation_for_output_stride
+from arco_jax.models.unet import batch_norm, uniform_fan_in
 
 Dtype = Any
 

@@ -43,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from arco_jax.models.unet import BN_EPSILON, BN_MOMENTUM
+from arco_jax.models.unet import batch_norm
 
 Dtype = Any
 
@@ -113,11 +113,6 @@ def _conv(features: int, kernel: int, stride: int, dilation: int, name: str, dty
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                    kernel_dilation=(dilation, dilation), use_bias=False, kernel_init=KAIMING_FAN_OUT,
                    dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                        use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class Downsample(nn.Module):

@@ -120,20 +120,18 @@ class ConvBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         for layer in range(2):
             x = Conv3x3(self.features, self.dtype, self.param_dtype, name=f"conv{layer}")(x)
-            x = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=BN_MOMENTUM,
-                epsilon=BN_EPSILON,
-                # Two-pass variance, like PyTorch: robust when |mean| >> std.
-                use_fast_variance=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"bn{layer}",
-            )(x)
+            x = batch_norm(train, self.dtype, self.param_dtype, f"bn{layer}")(x)
             x = nn.leaky_relu(x, LEAKY_SLOPE)
             if layer == 0 and self.dropout_rate > 0.0:
                 x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         return x
+
+
+def batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.BatchNorm:
+    """PyTorch's BatchNorm (momentum 0.1, eps 1e-5, two-pass variance: robust when |mean| >> std),
+    every architecture's (UNet, VNet, ResNet)."""
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                        use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def conv_parameters(module: nn.Module, x: jax.Array, window: tuple[int, ...]):

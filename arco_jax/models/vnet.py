@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from arco_jax.models.unet import BN_EPSILON, BN_MOMENTUM, Initializer, conv3x3_same, conv_parameters, uniform_fan_in
+from arco_jax.models.unet import Initializer, batch_norm, conv3x3_same, conv_parameters, uniform_fan_in
 
 Dtype = Any
 
@@ -54,18 +54,6 @@ DECODER_STAGES = (3, 3, 2, 1)  # conv layers per decoder stage, coarsest first
 NUM_DOWNSAMPLINGS = len(ENCODER_STAGES) - 1
 DROPOUT_RATE = 0.5  # the reference's nn.Dropout3d(p=0.5)
 VNET_FEATURE_STRIDES = (8, 4, 2, 1)
-
-
-def _batch_norm(train: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        use_fast_variance=False,  # Two-pass variance, like PyTorch.
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
 
 
 def planes_lowering() -> bool:
@@ -119,7 +107,7 @@ class ConvStage(nn.Module):
             fan_in = x.shape[-1] * 27
             x = Conv3x3x3(self.features, kernel_init=uniform_fan_in(fan_in), bias_init=uniform_fan_in(fan_in),
                           dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{layer}")(x)
-            x = _batch_norm(train, self.dtype, self.param_dtype, f"bn{layer}")(x)
+            x = batch_norm(train, self.dtype, self.param_dtype, f"bn{layer}")(x)
             x = nn.relu(x)
         return x
 
@@ -159,7 +147,7 @@ class DownConv(nn.Module):
         fan_in = x.shape[-1] * 8
         x = Conv2x2x2Down(self.features, kernel_init=uniform_fan_in(fan_in), bias_init=uniform_fan_in(fan_in),
                           dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-        return nn.relu(_batch_norm(train, self.dtype, self.param_dtype, "bn")(x))
+        return nn.relu(batch_norm(train, self.dtype, self.param_dtype, "bn")(x))
 
 
 class UpConv2x2x2(nn.Module):
@@ -198,7 +186,7 @@ class UpDeconv(nn.Module):
         fan_in = self.features * 8  # PyTorch's fan_in for ConvTranspose3d weights (in, out, 2, 2, 2)
         x = UpConv2x2x2(self.features, kernel_init=uniform_fan_in(fan_in), bias_init=uniform_fan_in(fan_in),
                         dtype=self.dtype, param_dtype=self.param_dtype, name="up")(x)
-        return nn.relu(_batch_norm(train, self.dtype, self.param_dtype, "bn")(x))
+        return nn.relu(batch_norm(train, self.dtype, self.param_dtype, "bn")(x))
 
 
 class VNet(nn.Module):
