@@ -91,8 +91,8 @@ class LossOutput(NamedTuple):
     """What a stage-2 loss returns beside the scalar: `terms`, the unweighted value of each term
     it computes; the student's updated BatchNorm statistics; `update`, what the method writes
     into its part of the state after the guard (None: nothing); scalar metrics; the teacher's
-    running statistics after its train-mode passes (teacher_pass), or None where the teacher ran
-    none: its statistics then follow the student's by the EMA of the parameters."""
+    running statistics after its passes (teacher_pass), or None where it ran none. The step keeps
+    them as the teacher's when the teacher runs in train mode (step.teacher_running_stats)."""
 
     terms: dict
     batch_stats: dict

@@ -37,8 +37,7 @@ ARCO_UNLABELED_TERMS = ("unsup", "contrast", "eqv", "nn")  # Terms that need the
 @dataclasses.dataclass
 class Forward:
     """Runs the student (train mode, threading BatchNorm statistics) and the teacher (threading
-    its running statistics through its train-mode passes: teacher_batch_stats, None until one
-    has run)."""
+    its running statistics through its passes: teacher_batch_stats, None until one has run)."""
 
     config: ml_collections.ConfigDict
     nets: Networks
@@ -103,10 +102,8 @@ class Forward:
 
     def teacher_net(self, images: jax.Array, key: jax.Array):
         """Teacher predictions, constant for the gradient (core.teacher_pass)."""
-        outputs, stats = teacher_pass(self.nets, self.teacher, images, key, self.config.arco.teacher_train_mode,
-                                      self.teacher_batch_stats)
-        if self.config.arco.teacher_train_mode:
-            self.teacher_batch_stats = stats
+        outputs, self.teacher_batch_stats = teacher_pass(self.nets, self.teacher, images, key,
+                                                         self.config.arco.teacher_train_mode, self.teacher_batch_stats)
         return outputs
 
     def head(self, which: str, method: str, *args):
@@ -402,10 +399,8 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l, config.data.ignore_label)
     metrics = dict(sup_parts)
     if w.consistency > 0:
-        terms["consistency"], stats = consistency_term(keys["consistency"], config, nets, state.teacher,
-                                                       out["clean"][0], batch.image_u, fwd.teacher_batch_stats)
-        if a.teacher_train_mode:
-            fwd.teacher_batch_stats = stats
+        terms["consistency"], fwd.teacher_batch_stats = consistency_term(
+            keys["consistency"], config, nets, state.teacher, out["clean"][0], batch.image_u, fwd.teacher_batch_stats)
         weights["consistency"] = metrics["consistency_weight"] = consistency_weight(config, progress)
     if not arco_unlabeled:
         return _weighted_sum(weights, terms), LossOutput(terms, fwd.batch_stats, (None, None), metrics,

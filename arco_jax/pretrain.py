@@ -169,7 +169,7 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
     """Stage-1 loss of the student `trainable` = {'segmenter', 'heads'}.
 
     Returns (loss, (terms, (batch_stats, teacher_stats), queue_rows, metrics)): the student's
-    and the teacher's running statistics after their passes (the teacher's None in eval mode);
+    and the teacher's running statistics after their passes (core.teacher_pass);
     queue_rows = (global, local) L2-normalised teacher embeddings of this batch, pushed into
     the queues after the update.
     """
@@ -210,7 +210,6 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
     total = terms["sup"] + p.global_weight * terms["rel_global"] + p.local_weight * terms["rel_local"]
     queue_rows = (losses.l2_normalize(global_teacher),
                   losses.l2_normalize(local_teacher).reshape(batch_size, count * size))
-    teacher_stats = teacher_stats if config.arco.teacher_train_mode else None
     return total, (terms, (batch_stats, teacher_stats), queue_rows, dict(sup_parts))
 
 

@@ -25,6 +25,16 @@ def ema(new, old, decay: float):
     return optax.incremental_update(new, old, 1.0 - decay)
 
 
+def teacher_running_stats(config: ml_collections.ConfigDict, passes_stats: dict | None, student_stats: dict,
+                          teacher_stats: dict, decay: float) -> dict:
+    """The teacher's BatchNorm running statistics after a step: those its train-mode passes left
+    (core.teacher_pass); where it ran none, or in eval mode (its passes move none), the EMA of the
+    student's, as its parameters."""
+    if config.arco.teacher_train_mode and passes_stats is not None:
+        return passes_stats
+    return ema(student_stats, teacher_stats, decay)
+
+
 def guarded(config: ml_collections.ConfigDict, state: TrainState, updated: TrainState, terms: dict,
             grads) -> tuple[TrainState, jax.Array, dict]:
     """`updated` if every term and the gradient are finite (and nothing failed before), else
@@ -74,8 +84,8 @@ def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: opta
         student = {"segmenter": params["segmenter"], "head": params["head"]}
         teacher = {
             "params": ema(student, state.teacher["params"], decay),
-            "batch_stats": (out.teacher_batch_stats if out.teacher_batch_stats is not None
-                            else ema(out.batch_stats, state.teacher["batch_stats"], decay)),
+            "batch_stats": teacher_running_stats(config, out.teacher_batch_stats, out.batch_stats,
+                                                 state.teacher["batch_stats"], decay),
         }
         updated = state.replace(step=state.step + 1, params=params, batch_stats=out.batch_stats,
                                 opt_state=opt_state, teacher=teacher)

@@ -27,8 +27,7 @@ def mean_teacher_loss(params: dict, state: TrainState, batch: Batch, key: jax.Ar
     weight = consistency_weight(config, progress)
     terms = {"sup": sup, "consistency": consistency}
     total = config.loss_weights.sup * sup + weight * consistency
-    return total, LossOutput(terms, batch_stats, None, {**parts, "consistency_weight": weight},
-                             teacher_stats if config.arco.teacher_train_mode else None)
+    return total, LossOutput(terms, batch_stats, None, {**parts, "consistency_weight": weight}, teacher_stats)
 
 
 METHOD = Method(name="mean_teacher", stage=2, terms=("sup", "consistency"),

@@ -35,8 +35,8 @@ def make_pretrain_step(config: ml_collections.ConfigDict, nets: Networks, tx=Non
         teacher = {
             "params": {**state.teacher["params"],
                        "segmenter": step.ema(new["segmenter"], state.teacher["params"]["segmenter"], decay)},
-            "batch_stats": (teacher_stats if teacher_stats is not None  # its own passes' (core.teacher_pass)
-                            else step.ema(batch_stats, state.teacher["batch_stats"], decay)),
+            "batch_stats": step.teacher_running_stats(config, teacher_stats, batch_stats,
+                                                      state.teacher["batch_stats"], decay),
         }
         teacher_heads = step.ema({"global_head": heads["global_head"], "local_head": heads["local_head"]},
                                  rel.teacher, decay)
