@@ -181,10 +181,11 @@ def evaluate_volume(
 
 
 def _zoom_to(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
-    """scipy.ndimage.zoom to an exact 2-D shape (the factors the reference passes)."""
-    factors = tuple(target / size for target, size in zip(shape, array.shape))
+    """scipy.ndimage.zoom of the leading axes to an exact 2-D shape (the factors the reference
+    passes); a trailing channel axis is kept."""
+    factors = tuple(target / size for target, size in zip(shape, array.shape)) + (1,) * (array.ndim - len(shape))
     resized = ndimage.zoom(array, factors, order=order)
-    if resized.shape != tuple(shape):
+    if resized.shape[:len(shape)] != tuple(shape):
         raise ValueError(f"zoom gave {resized.shape} for {array.shape} -> {tuple(shape)}")
     return resized
 
@@ -197,27 +198,29 @@ def predict_volume(
     slice_batch_size: int = 16,
     image_order: int = 0,
 ) -> np.ndarray:
-    """Label map (D, H, W) of a volume, predicted slice by slice as in SSL4MIS.
+    """Label map (D, H, W) of a volume (D, H, W) or (D, H, W, C), predicted slice by slice as in
+    SSL4MIS.
 
     Each (H, W) slice is resized to ``patch_size`` with ``scipy.ndimage.zoom`` of order
     ``image_order`` (0, nearest, as the reference's ACDC test_2D.py and its training
     resize; its Synapse-style test.py uses 3), fed to ``predict_fn`` in batches of
     ``slice_batch_size`` slices (the last batch zero-padded so a jitted ``predict_fn``
     compiles once), argmaxed over classes and resized back with order 0 (nearest, so labels
-    stay labels). ``predict_fn`` maps float32 (N, h, w, 1) to logits (N, h, w, C).
+    stay labels). ``predict_fn`` maps float32 (N, h, w, C) to logits (N, h, w, classes).
     """
     image = np.asarray(image)
-    if image.ndim != 3:
-        raise ValueError(f"image must be (D, H, W), got shape {image.shape}")
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise ValueError(f"image must be (D, H, W) or (D, H, W, C), got shape {image.shape}")
     patch_size = tuple(int(s) for s in patch_size)
     if len(patch_size) != 2 or min(patch_size) < 1:
         raise ValueError(f"patch_size={patch_size} must be two positive ints (h, w)")
     if slice_batch_size < 1:
         raise ValueError(f"slice_batch_size={slice_batch_size} must be positive")
 
-    depth, height, width = image.shape
-    slices = np.stack([_zoom_to(s, patch_size, image_order) for s in image])
-    slices = slices.astype(np.float32)[..., None]
+    depth, height, width = image.shape[:3]
+    slices = np.stack([_zoom_to(s, patch_size, image_order) for s in image]).astype(np.float32)
     num_batches = -(-depth // slice_batch_size)
     padding = num_batches * slice_batch_size - depth
     slices = np.pad(slices, ((0, padding), (0, 0), (0, 0), (0, 0)))

@@ -179,6 +179,9 @@ def normalize(volume: np.ndarray, path: Path, intensity: str = "minmax") -> np.n
     mean and std of the whole volume, as UA-MT's LA preprocessing did."""
     if intensity not in registry.INTENSITIES:
         raise ValueError(f"intensity must be one of {registry.INTENSITIES}, got {intensity!r}")
+    if intensity == "dataset":
+        raise InputError(f"{path}: this run's dataset preprocesses scans by its own plan, which predict does not "
+                         "apply yet")
     low, high = float(volume.min()), float(volume.max())
     if high <= low:
         raise InputError(f"{path}: every voxel has intensity {low}; nothing to segment")

@@ -37,7 +37,9 @@ from arco_jax.errors import ConfigError
 METADATA_FIELDS = ("num_classes", "class_names", "ignore_label", "spatial_rank", "in_channels")
 EVAL_UNITS = ("volume", "image")
 WEAK_AUGMENTATIONS = ("resize_rotate", "rot_flip_crop")  # implemented in data/pipeline.py
-INTENSITIES = ("minmax", "zscore")  # per-volume normalisations (predict.normalize)
+# How a new scan is normalised before it is predicted (predict.normalize): per volume, or
+# 'dataset': by the dataset's own preprocessing (the NIfTI folder's plan).
+INTENSITIES = ("minmax", "zscore", "dataset")
 DEPTH_FIRST = "dhw"  # the axis order of 3-D arrays in this code base: (D, H, W)
 
 
@@ -145,6 +147,7 @@ _BUILTIN = {
     "acdc": "arco_jax.data.ssl4mis_datasets:ACDC",
     "la": "arco_jax.data.la:LA",
     "la_phantom": "arco_jax.data.la_phantom:LA_PHANTOM",
+    "nifti_folder": "arco_jax.data.nifti_folder:NIFTI_FOLDER",
     "phantom": "arco_jax.data.ssl4mis_datasets:PHANTOM",
 }
 _REGISTERED: dict[str, DatasetSpec] = {}
