@@ -22,7 +22,7 @@ from arco_jax.core import Batch, Networks, TrainState, eval_variables  # noqa: F
 
 # What each DatasetInfo.intensity leaves the images in (their photometric jitter clips to it).
 # 'dataset' (a per-channel plan, e.g. CT scaled to [0, 1] beside a z-scored MR channel): no one range.
-IMAGE_RANGES = {"minmax": (0.0, 1.0), "zscore": None, "dataset": None}
+IMAGE_RANGES = {"minmax": (0.0, 1.0), "zscore": None, "imagenet": None, "dataset": None}
 
 
 def build_networks(config: ml_collections.ConfigDict) -> Networks:

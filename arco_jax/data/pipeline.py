@@ -101,7 +101,47 @@ def rot_flip_crop(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, .
     return np.ascontiguousarray(image[window]), np.ascontiguousarray(label[window])
 
 
-WEAK_AUGMENTATIONS = {"resize_rotate": weak_augment, "rot_flip_crop": rot_flip_crop}
+NATURAL_SCALE_RANGE = (0.5, 1.5)  # ReCo's random scale of Pascal VOC and SUN RGB-D
+FLIP_PROBABILITY = 0.5
+
+
+def scale_crop_flip(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, ...], rng: np.random.Generator,
+                    fill_label: int = 0, scale_range: tuple[float, float] = NATURAL_SCALE_RANGE
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """ReCo's training view of a natural image, the same transform on both arrays: image RGB uint8
+    (H, W, 3) as the natural-image sources give it, label (H, W) with values 0..255.
+
+    Scale by s ~ U(scale_range) to int(H s) x int(W s) (image bilinear, label nearest); pad at the
+    bottom and right to at least patch_size (the image by reflection, as ReCo; the label with
+    `fill_label`, the ignore label, so padding is never trained on); crop patch_size at a uniform
+    position; flip horizontally with p = .5; then normalise the image with ImageNet's mean and std
+    (float32), which is what the network was pretrained on.
+    """
+    from arco_jax.data import natural  # pylint: disable=import-outside-toplevel  (PIL, only for RGB data)
+
+    if len(patch_size) != 2 or image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"scale_crop_flip takes RGB uint8 images (H, W, 3) and a 2-D patch, got {image.dtype} "
+                         f"{image.shape} and patch {tuple(patch_size)}")
+    height, width = label.shape
+    scale = float(rng.uniform(*scale_range))
+    size = (max(int(height * scale), 1), max(int(width * scale), 1))
+    if size != (height, width):
+        image, label = natural.resize_pair(image, label.astype(np.uint8), size)
+    pads = [max(p - s, 0) for p, s in zip(patch_size, label.shape)]
+    if any(pads):
+        image = np.pad(image, [(0, pads[0]), (0, pads[1]), (0, 0)], mode="reflect")
+        label = np.pad(label, [(0, pads[0]), (0, pads[1])], constant_values=fill_label)
+    top, left = (int(rng.integers(0, s - p + 1)) for s, p in zip(label.shape, patch_size))
+    image = image[top:top + patch_size[0], left:left + patch_size[1]]
+    label = label[top:top + patch_size[0], left:left + patch_size[1]]
+    if rng.random() < FLIP_PROBABILITY:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return natural.normalize_rgb(np.ascontiguousarray(image)), np.ascontiguousarray(label)
+
+
+WEAK_AUGMENTATIONS = {"resize_rotate": weak_augment, "rot_flip_crop": rot_flip_crop,
+                      "scale_crop_flip": scale_crop_flip,
+                      "crop_flip": functools.partial(scale_crop_flip, scale_range=(1.0, 1.0))}  # Cityscapes (ReCo)
 
 
 def _augment_element(element: dict, rng: np.random.Generator, *, patch_size: tuple[int, ...],

@@ -36,10 +36,11 @@ from arco_jax.errors import ConfigError
 # Metadata fields a resolved config carries under config.data (declared by the dataset).
 METADATA_FIELDS = ("num_classes", "class_names", "ignore_label", "spatial_rank", "in_channels")
 EVAL_UNITS = ("volume", "image")
-WEAK_AUGMENTATIONS = ("resize_rotate", "rot_flip_crop")  # implemented in data/pipeline.py
+WEAK_AUGMENTATIONS = ("resize_rotate", "rot_flip_crop", "scale_crop_flip", "crop_flip")  # data/pipeline.py
 # How a new scan is normalised before it is predicted (predict.normalize): per volume, or
-# 'dataset': by the dataset's own preprocessing (the NIfTI folder's plan).
-INTENSITIES = ("minmax", "zscore", "dataset")
+# 'dataset': by the dataset's own preprocessing (the NIfTI folder's plan); 'imagenet': RGB / 255,
+# then ImageNet's mean and std per channel (the natural-image datasets, data/natural.py).
+INTENSITIES = ("minmax", "zscore", "dataset", "imagenet")
 DEPTH_FIRST = "dhw"  # the axis order of 3-D arrays in this code base: (D, H, W)
 
 
@@ -56,7 +57,9 @@ class DatasetInfo:
     eval_unit: 'volume' (a stack of slices or a 3-D volume per case) or 'image'.
     weak_augment: the per-sample training view (data/pipeline.py WEAK_AUGMENTATIONS):
       'resize_rotate' (SSL4MIS 2-D: resize to the patch, rot90/flip or a small rotation) or
-      'rot_flip_crop' (UA-MT's LA volumes: in-plane rot90 and flip, then a random crop).
+      'rot_flip_crop' (UA-MT's LA volumes: in-plane rot90 and flip, then a random crop),
+      'scale_crop_flip' (ReCo's natural images: random scale 0.5-1.5, crop with ignore-label
+      padding, horizontal flip, ImageNet normalisation) or 'crop_flip' (the same at scale 1).
     intensity: how the dataset's volumes were normalised, so how a new scan is before it is
       predicted: 'minmax' (per volume to [0, 1], as the SSL4MIS conversions stored them) or
       'zscore' (per volume (x - mean) / std, as UA-MT's mri_norm2.h5).
@@ -145,10 +148,13 @@ class DatasetSpec:
 # Datasets shipped with arco_jax, imported when first asked for ("module:attribute").
 _BUILTIN = {
     "acdc": "arco_jax.data.ssl4mis_datasets:ACDC",
+    "cityscapes": "arco_jax.data.cityscapes:CITYSCAPES",
     "la": "arco_jax.data.la:LA",
     "la_phantom": "arco_jax.data.la_phantom:LA_PHANTOM",
     "nifti_folder": "arco_jax.data.nifti_folder:NIFTI_FOLDER",
+    "pascal": "arco_jax.data.voc:PASCAL",
     "phantom": "arco_jax.data.ssl4mis_datasets:PHANTOM",
+    "sun": "arco_jax.data.sun:SUN",
 }
 _REGISTERED: dict[str, DatasetSpec] = {}
 
