@@ -33,6 +33,7 @@ is restored, so a bad file in a folder fails in a second, naming the file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -41,8 +42,9 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from arco_jax import inference
+from arco_jax import files, inference
 from arco_jax.data import registry
+from arco_jax.data.ssl4mis import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 H5_SUFFIX = ".h5"
@@ -179,9 +181,6 @@ def normalize(volume: np.ndarray, path: Path, intensity: str = "minmax") -> np.n
     mean and std of the whole volume, as UA-MT's LA preprocessing did."""
     if intensity not in registry.INTENSITIES:
         raise ValueError(f"intensity must be one of {registry.INTENSITIES}, got {intensity!r}")
-    if intensity == "dataset":
-        raise InputError(f"{path}: this run's dataset preprocesses scans by its own plan, which predict does not "
-                         "apply yet")
     low, high = float(volume.min()), float(volume.max())
     if high <= low:
         raise InputError(f"{path}: every voxel has intensity {low}; nothing to segment")
@@ -193,9 +192,15 @@ def normalize(volume: np.ndarray, path: Path, intensity: str = "minmax") -> np.n
 
 def write_nifti(scan: Scan, labels: np.ndarray, path: Path, num_classes: int) -> None:
     """Labels (z, y, x) as a NIfTI on the scan's grid: same affine, qform and sform."""
-    header = scan.nifti.header.copy()
+    write_label_image(scan.nifti, np.transpose(labels, (2, 1, 0)), path, num_classes)
+
+
+def write_label_image(reference, labels: np.ndarray, path: Path, num_classes: int) -> None:
+    """Labels in the reference image's own array order as a NIfTI with its affine and header
+    (data type uint8, no intensity scaling, intent 'label')."""
+    header = reference.header.copy()
     header.set_data_dtype(np.uint8)
-    image = type(scan.nifti)(np.transpose(labels, (2, 1, 0)).astype(np.uint8), scan.nifti.affine, header)
+    image = type(reference)(labels.astype(np.uint8), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
     image.header["cal_min"], image.header["cal_max"] = 0, num_classes - 1  # display window = labels
     image.header.set_intent("label")
@@ -310,6 +315,65 @@ def predict_scan(model: inference.TrainedModel, path: Path, output_dir: Path, pn
     return [written, *pngs]
 
 
+CHANNEL_DIGITS = 4  # nnU-Net's channel suffix: <case>_0000.nii.gz, <case>_0001.nii.gz, ...
+
+
+def group_channels(paths: list[Path], channels: int) -> dict[Path, list[Path]]:
+    """{first channel file: the scan's channel files in order} for a run whose dataset keeps one
+    file per channel (nnU-Net's <case>_0000.nii.gz, ...); a one-channel run also takes files
+    without the suffix. Errors name the file."""
+    groups: dict[str, dict[int, Path]] = {}
+    for path in paths:
+        if path.name.endswith(H5_SUFFIX):
+            raise InputError(f"{path}: this run was trained on NIfTI files; give .nii.gz or .nii scans")
+        name = scan_name(path)
+        case, _, number = name.rpartition("_")
+        if not (case and len(number) == CHANNEL_DIGITS and number.isdigit()):
+            if channels != 1:
+                raise InputError(f"{path}: the run takes {channels} channels, one file each, named "
+                                 f"<case>_0000.nii.gz ... <case>_{channels - 1:04d}.nii.gz")
+            case, number = name, "0000"
+        if int(number) >= channels:
+            raise InputError(f"{path}: channel {int(number)}, but the run takes {channels} channel(s)")
+        if int(number) in groups.setdefault(case, {}):
+            raise InputError(f"{groups[case][int(number)]} and {path} are both channel {int(number)} of {case!r}")
+        groups[case][int(number)] = path
+    out = {}
+    for case, found in sorted(groups.items()):
+        missing = [c for c in range(channels) if c not in found]
+        if missing:
+            raise InputError(f"{next(iter(found.values())).parent / f'{case}_{missing[0]:04d}.nii.gz'} is missing "
+                             f"(channel {missing[0]} of scan {case!r})")
+        out[found[0]] = [found[c] for c in range(channels)]
+    return out
+
+
+def read_plan(workdir) -> dict:
+    """The dataset's preprocessing plan the run recorded (<workdir>/data.json)."""
+    path = files.workdir_path(workdir) / registry.DATA_RECORD
+    try:
+        return json.loads(path.read_text())["preprocessing"]
+    except (OSError, KeyError, json.JSONDecodeError) as err:
+        raise inference.WorkdirError(f"{path}: the run's preprocessing plan cannot be read ({type(err).__name__}: "
+                                     f"{err}); it is written when training starts") from err
+
+
+def predict_prepared(model: inference.TrainedModel, plan: dict, channel_files: list[Path], destination: Path,
+                     png: bool = False) -> list[Path]:
+    """Segment one scan (its channel files) with a run whose dataset prepares scans by a plan
+    (DatasetSpec.prepare_scan): the labels go back to the first file's grid and orientation."""
+    try:
+        prepared = registry.get(model.config.data.dataset).prepare_scan(plan, channel_files)
+    except DataError as err:
+        raise InputError(str(err)) from err
+    labels = model.predict_volume(prepared.volume)
+    on_input = prepared.to_input_grid(labels)
+    _write_atomically(destination, lambda target: write_label_image(prepared.reference, on_input, target,
+                                                                    model.num_classes))
+    pngs = write_overlays(prepared.display, labels, destination.parent / f"{scan_name(destination)}_png") if png else []
+    return [destination, *pngs]
+
+
 def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
             checkpoint: str | int = "best", png: bool = False) -> list[Path]:
     """Segment a scan or a folder of scans with a trained run into an output folder, or one
@@ -317,6 +381,9 @@ def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
     paths = list_scans(input_path)
     for path in paths:
         check_scan(path)
+    config = inference.read_config(workdir)
+    if registry.get(config.data.dataset).prepare_scan is not None:
+        return _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png)
     targets = destinations(paths, input_path, output)
     model = inference.load_model(workdir, checkpoint)
     if model.num_classes > 256:
@@ -325,6 +392,33 @@ def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
     written = []
     for path, destination in targets.items():
         written += predict_scan(model, path, destination.parent, png, destination if named_file else None)
+    return written
+
+
+def _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png) -> list[Path]:
+    """predict() for a run whose dataset prepares scans by its plan (one file per channel)."""
+    groups = group_channels(paths, config.data.in_channels)
+    plan = read_plan(workdir)
+    output = Path(output)
+    if scan_name(output) is not None:
+        if len(groups) != 1:
+            raise InputError(f"--output {output} names a file, but --input {input_path} holds {len(groups)} scans: "
+                             "give a folder for --output")
+        if not output.name.endswith(NIFTI_SUFFIXES) or output.is_dir():
+            raise InputError(f"--output {output}: the prediction is written as a .nii.gz or .nii file")
+        targets = {first: output for first in groups}
+    else:
+        if output.is_file():
+            raise InputError(f"--output {output} is an existing file, not a folder")
+        targets = {}
+        for first in groups:
+            name = scan_name(first)
+            case = name[: -CHANNEL_DIGITS - 1] if name.endswith("_0000") else name
+            targets[first] = output / f"{case}{PRED_SUFFIX}.nii.gz"
+    model = inference.load_model(workdir, checkpoint)
+    written = []
+    for first, channel_files in groups.items():
+        written += predict_prepared(model, plan, channel_files, targets[first], png)
     return written
 
 

@@ -357,6 +357,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     log.info("data: %s | %s, batches %d+%d | %d val, %d test cases | mesh %s, %d process(es)", data.description,
              data.labeled_description, config.data.batch_labeled, config.data.batch_unlabeled, split_sizes["val"],
              split_sizes["test"], dict(mesh.shape), jax.process_count())
+    if is_main:  # Which cases were labeled, and the dataset's preprocessing plan (predict applies it).
+        files.write_json(workdir / registry.DATA_RECORD, data.labeled_record)
 
     # Model, optimizer, state (replicated over the mesh), then the newest intact checkpoint.
     nets = build_networks(config)

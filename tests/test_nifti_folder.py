@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tiny
-from arco_jax import train
+from arco_jax import inference, predict, train
 from arco_jax.config import validate
 from arco_jax.data import nifti_folder, pipeline, registry
 from arco_jax.data.ssl4mis import DataError
@@ -293,17 +293,104 @@ def tiny_run_config(root, cache, mode):
     return c
 
 
-@pytest.mark.parametrize("mode", ["2d", pytest.param("3d", marks=pytest.mark.slow)])
-def test_the_config_trains_and_evaluates_on_the_folder(folder, cache, tmp_path, mode):
-    """2-D: two channels through the UNet and the slice-wise evaluator. 3-D (slow; the LA tests
-    cover the VNet path): the same folder as (D, H, W, 2) volumes through sliding windows."""
-    results = train.train_and_evaluate(tiny_run_config(folder, cache, mode), tmp_path / "run")
+def check_results(results):
     assert results["dataset"] == "nifti_folder" and results["labeled_cases"] == 2
     assert results["split_case_ids"]["labeled"] == results["labeled_case_ids"]
     assert set(results["test"]) == {"best", "last"}
     for record in results["test"].values():
         assert list(record["per_case"]) == results["split_case_ids"]["test"]
         assert np.asarray(record["per_case"][results["split_case_ids"]["test"][0]]).shape == (2, 4)
+
+
+@pytest.fixture(scope="module")
+def trained_2d(folder, tmp_path_factory):
+    """One tiny 2-D run on the two-channel folder (trained once for the tests that need a run)."""
+    cache = tmp_path_factory.mktemp("cache2d")
+    workdir = tmp_path_factory.mktemp("run2d") / "run"
+    results = train.train_and_evaluate(tiny_run_config(folder, cache, "2d"), workdir)
+    return results, workdir, cache
+
+
+def test_the_2d_config_trains_and_evaluates_on_the_folder(trained_2d):
+    """Two channels through the UNet and the slice-wise evaluator; the run records its data."""
+    results, workdir, _ = trained_2d
+    check_results(results)
+    record = json.loads((workdir / registry.DATA_RECORD).read_text())
+    assert record["split_case_ids"] == results["split_case_ids"]
+    assert record["preprocessing"]["normalization"] == ["ct", "zscore"]
+
+
+@pytest.mark.slow
+def test_the_3d_config_trains_and_evaluates_on_the_folder(folder, cache, tmp_path):
+    """The same folder as (D, H, W, 2) volumes through the VNet and sliding windows (the LA tests
+    cover that path; slow)."""
+    check_results(train.train_and_evaluate(tiny_run_config(folder, cache, "3d"), tmp_path / "run"))
+
+
+def scan_folder(folder: Path, cases, target: Path) -> Path:
+    target.mkdir()
+    for case in cases:
+        for c in range(2):
+            name = f"{case}_{c:04d}.nii.gz"
+            (target / name).write_bytes((folder / "imagesTr" / name).read_bytes())
+    return target
+
+
+def test_predict_applies_the_plan_and_writes_on_the_input_grid(trained_2d, folder, tmp_path):
+    results, workdir, cache = trained_2d
+    test_case = results["split_case_ids"]["test"][0]
+    scans = scan_folder(folder, ["case00", test_case], tmp_path / "imagesTs")
+    written = predict.predict(workdir, scans, tmp_path / "out", checkpoint="last", png=True)
+    assert {p.name for p in written if p.suffix != ".png"} == {"case00_pred.nii.gz", f"{test_case}_pred.nii.gz"}
+    model = inference.load_model(workdir, "last")
+    data = registry.open_dataset(config_with_cache(model.config, cache))
+    plan = json.loads((workdir / registry.DATA_RECORD).read_text())["preprocessing"]
+    for case in ("case00", test_case):
+        source = nib.load(scans / f"{case}_0000.nii.gz")
+        out = nib.load(tmp_path / "out" / f"{case}_pred.nii.gz")
+        assert out.shape == source.shape and np.allclose(out.affine, source.affine)
+        assert out.get_data_dtype() == np.uint8
+        # The same labels as the evaluator's prediction of the cached case, brought back to the file's grid.
+        image = data.store.array(case, "image")
+        prepared = nifti_folder.prepare_scan(plan, [scans / f"{case}_{c:04d}.nii.gz" for c in range(2)])
+        np.testing.assert_allclose(prepared.volume, image, atol=1e-5)
+        expected = prepared.to_input_grid(model.predict_volume(np.array(image)))
+        np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
+    assert (tmp_path / "out" / "case00_pred_png" / "slice_000.png").is_file()
+
+
+def config_with_cache(config, cache):
+    c = config.copy_and_resolve_references()
+    c.data.cache_dir = str(cache)
+    return c
+
+
+def test_labels_go_back_to_a_flipped_and_resampled_grid(folder, tmp_path):
+    """prepare_scan then to_input_grid returns a label map to the file's own voxels: exactly
+    without resampling, and within nearest-neighbour error through a resampling."""
+    label_file = folder / "labelsTr" / "case00.nii.gz"  # case00 has a flipped x axis.
+    original = np.asarray(nib.load(label_file).dataobj)
+    plan = {"normalization": ["none"], "ct_clip": [None], "target_spacing": None}
+    prepared = nifti_folder.prepare_scan(plan, [label_file])
+    np.testing.assert_array_equal(prepared.to_input_grid(prepared.volume[..., 0].astype(np.int32)), original)
+    plan["target_spacing"] = [2.5, 0.9, 0.9]
+    prepared = nifti_folder.prepare_scan(plan, [label_file])
+    assert prepared.volume.shape[1:3] != original.shape[:2][::-1]
+    back = prepared.to_input_grid(np.rint(prepared.volume[..., 0]).astype(np.int32))
+    assert back.shape == original.shape and np.mean(back == original) > 0.95
+
+
+def test_predict_names_bad_scans(trained_2d, folder, tmp_path):
+    _, workdir, _ = trained_2d
+    scans = scan_folder(folder, ["case01"], tmp_path / "scans")
+    (scans / "case01_0001.nii.gz").unlink()
+    with pytest.raises(predict.InputError, match=r"case01_0001.nii.gz is missing \(channel 1 of scan 'case01'\)"):
+        predict.predict(workdir, scans, tmp_path / "out")
+    single = tmp_path / "plain.nii.gz"
+    single.write_bytes((folder / "imagesTr" / "case01_0000.nii.gz").read_bytes())
+    with pytest.raises(predict.InputError, match=r"plain.nii.gz: the run takes 2 channels, one file each"):
+        predict.predict(workdir, single, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_3d_volumes_with_channels_make_patch_batches(folder, cache):

@@ -683,6 +683,62 @@ class NiftiFolderDataset:
 
 
 # ---------------------------------------------------------------------------------------------
+# New scans (predict)
+
+def _nearest_to(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize to an exact shape (voxel centres mapped onto each other)."""
+    index = [np.minimum(((np.arange(n) + 0.5) * m / n).astype(np.int64), m - 1) for n, m in zip(shape, labels.shape)]
+    return labels[np.ix_(*index)]
+
+
+def prepare_scan(plan: dict, paths: list) -> registry.PreparedScan:
+    """A new scan (one NIfTI file per channel) as the run's plan prepares its cases: closest
+    canonical orientation, (z, y, x), resampled to the plan's spacing, normalised; and the way
+    back for its labels (to the stored grid, then to the file's own orientation and axis order).
+    Errors name the file."""
+    paths = [Path(p) for p in paths]
+    if len(paths) != len(plan["normalization"]):
+        raise DataError(f"{paths[0]}: {len(paths)} channel file(s), the run was trained on "
+                        f"{len(plan['normalization'])}")
+    images = [_load(path) for path in paths]
+    shape, affine = _geometry(images[0])
+    for path, image in zip(paths[1:], images[1:]):
+        other_shape, other_affine = _geometry(image)
+        if other_shape != shape or not np.allclose(other_affine, affine, atol=AFFINE_TOLERANCE, rtol=0):
+            raise DataError(f"{path}: shape {other_shape} or affine differs from {paths[0].name}'s: the channels of a "
+                            "scan must lie on one grid")
+    channels = []
+    for path, image in zip(paths, images):
+        try:
+            data, spacing = _canonical_zyx(image)
+        except Exception as err:  # A truncated or corrupt data block only shows here.
+            raise DataError(f"{path}: the voxel data cannot be read ({type(err).__name__}: {err})") from err
+        data = data.astype(np.float32, copy=False)
+        if not np.isfinite(data).all():
+            raise DataError(f"{path}: {int(np.count_nonzero(~np.isfinite(data)))} voxel(s) are not finite")
+        channels.append(data)
+    volume = np.stack(channels, axis=-1)
+    stored = volume.shape[:3]
+    target = plan.get("target_spacing")
+    volume, _, _ = resample(volume, None, spacing, _case_target(tuple(target) if target else None, spacing))
+    first = volume[..., 0]
+    low, high = float(first.min()), float(first.max())
+    display = (first - low) / (high - low) if high > low else np.zeros_like(first)
+    volume = normalize(volume, plan)
+    orientation = nib.orientations.io_orientation(affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), orientation)
+    reference = images[0]
+
+    def to_input_grid(labels: np.ndarray) -> np.ndarray:
+        labels = _nearest_to(np.asarray(labels), stored)  # (z, y, x) canonical
+        canonical_xyz = np.transpose(labels, (2, 1, 0))
+        restored = nib.orientations.apply_orientation(canonical_xyz, back)
+        return np.ascontiguousarray(restored).reshape(reference.shape)
+
+    return registry.PreparedScan(volume=volume, to_input_grid=to_input_grid, reference=reference, display=display)
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry entry
 
 def _check_fields(config: ml_collections.ConfigDict) -> None:
@@ -734,18 +790,23 @@ def info(config: ml_collections.ConfigDict) -> registry.DatasetInfo:
     """Classes and channels from dataset.json; needs data.data_dir (a ConfigError until it is set,
     which registry.resolve(strict=False) passes over at config time)."""
     d = config.data
-    if not d.get("data_dir"):
-        _fail("data_dir", f"is required for dataset {NAME!r} (its classes and channels are in {DATASET_JSON})")
+    three_d = d.get("mode", "2d") == "3d"
+    common = dict(spatial_rank=3 if three_d else 2, has_spacing=True, eval_unit="volume",
+                  weak_augment="rot_flip_crop" if three_d else "resize_rotate", intensity="dataset")
+    if not (d.get("data_dir") and os.path.isfile(os.path.join(d.data_dir, DATASET_JSON))):
+        if all(d.get(k) is not None for k in ("num_classes", "class_names", "in_channels")):
+            # A trained run's config.json, read where the folder is not (predict on another machine).
+            return registry.DatasetInfo(num_classes=d.num_classes, class_names=tuple(d.class_names),
+                                        ignore_label=d.get("ignore_label"), in_channels=d.in_channels, **common)
+        if not d.get("data_dir"):
+            _fail("data_dir", f"is required for dataset {NAME!r} (its classes and channels are in {DATASET_JSON})")
     try:
         description = describe(d.data_dir)
     except DataError as err:
         raise ConfigError(f"config.data.data_dir: {err}") from err
-    three_d = d.get("mode", "2d") == "3d"
     return registry.DatasetInfo(
         num_classes=description.num_classes, class_names=description.class_names,
-        ignore_label=description.ignore_label, spatial_rank=3 if three_d else 2,
-        in_channels=len(description.channel_names), has_spacing=True, eval_unit="volume",
-        weak_augment="rot_flip_crop" if three_d else "resize_rotate", intensity="dataset")
+        ignore_label=description.ignore_label, in_channels=len(description.channel_names), **common)
 
 
 def _fields() -> dict:
@@ -755,6 +816,6 @@ def _fields() -> dict:
 
 
 NIFTI_FOLDER = registry.DatasetSpec(
-    name=NAME, fields=_fields, info=info, validate=validate, open=NiftiFolderDataset,
+    name=NAME, fields=_fields, info=info, validate=validate, open=NiftiFolderDataset, prepare_scan=prepare_scan,
     description="any NIfTI dataset folder in nnU-Net's layout (imagesTr, labelsTr, dataset.json): 2-D slices or "
                 "3-D patches, per-volume eval")

@@ -42,6 +42,7 @@ WEAK_AUGMENTATIONS = ("resize_rotate", "rot_flip_crop", "scale_crop_flip", "crop
 # then ImageNet's mean and std per channel (the natural-image datasets, data/natural.py).
 INTENSITIES = ("minmax", "zscore", "dataset", "imagenet")
 DEPTH_FIRST = "dhw"  # the axis order of 3-D arrays in this code base: (D, H, W)
+DATA_RECORD = "data.json"  # In a workdir: the run's OpenDataset.labeled_record (labeled cases, plan).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,23 @@ class DatasetSpec:
     validate: Callable[[ml_collections.ConfigDict], None]
     open: Callable[[ml_collections.ConfigDict], OpenDataset]
     description: str = ""
+    # For DatasetInfo.intensity 'dataset': prepare_scan(plan, channel files) -> PreparedScan, how
+    # `predict` turns a new scan into what the network was trained on (the plan is the run's
+    # data.json 'preprocessing' record, written by the trainer from OpenDataset.labeled_record).
+    prepare_scan: Callable[[dict, list], "PreparedScan"] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedScan:
+    """A new scan as a dataset's plan prepares it: volume (D, H, W, C) float32 as the network was
+    trained on; to_input_grid(labels (D, H, W)) -> labels on the first channel file's own voxel
+    grid, in its array order; reference: that file's loaded image (its affine and header are the
+    prediction's); display: channel 0 of `volume` before normalisation, in [0, 1], for overlays."""
+
+    volume: np.ndarray
+    to_input_grid: Callable[[np.ndarray], np.ndarray]
+    reference: Any
+    display: np.ndarray
 
 
 # Datasets shipped with arco_jax, imported when first asked for ("module:attribute").
