@@ -503,7 +503,6 @@ def test_configs_carry_the_recipe_and_validate(folders, name, dataset, patch, ba
         if dataset != "pascal":
             d.resize = ()
     validate(config)
-    validate(config, device_count=2)
 
 
 def test_config_presets_pass_through():
