@@ -56,8 +56,6 @@ SOURCES = ("folder", "tfds")
 SPLITS = ("val", "test")
 _SHOWN = 5
 
-Image.MAX_IMAGE_PIXELS = None  # Cityscapes' 2048 x 1024 is fine; so is anything a user has.
-
 
 def normalize_rgb(image: np.ndarray) -> np.ndarray:
     """uint8 RGB (..., 3) -> float32 (x / 255 - mean) / std with ImageNet's mean and std (ReCo)."""
