@@ -214,12 +214,14 @@ def test_seeded_class_cover_holds_every_class_and_is_recorded(folders):
     record = data.labeled_record
     ids = record["labeled_image_ids"]
     assert record["labeled_images"] == data.labeled_count == 11 == len(set(ids))
-    assert record["labeled_rule"] == "seeded class cover, labeled_seed 3" and "classes_in_no_training_image" not in record
+    assert record["labeled_rule"] == "seeded class cover, labeled_seed 3"
+    assert "classes_in_no_training_image" not in record
     held = set().union(*(np.unique(written[n][1]).tolist() for n in ids[:10]))
     assert held == set(range(21)) | {255}  # the cover (first ten) holds all 21 classes
     # Exactly one of each pair (i, i + 10) is in the cover: the rule takes an image only for a new class.
     assert sorted(VOC_TRAIN.index(n) % 10 for n in ids[:10]) == list(range(10))
-    assert data.labeled_description == "11 labeled images (seeded class cover, labeled_seed 3: the first 10 hold every class)"
+    assert data.labeled_description == ("11 labeled images (seeded class cover, labeled_seed 3: the first 10 hold "
+                                        "every class)")
     again = registry.open_dataset(dataset_config("pascal", roots["pascal"], labeled_images=11, labeled_seed=3))
     assert again.labeled_record == record  # seeded: the same images
     other = registry.open_dataset(dataset_config("pascal", roots["pascal"], labeled_images=11, labeled_seed=4))
@@ -366,8 +368,9 @@ def test_bad_input_is_named(folders, tmp_path):
         registry.open_dataset(dataset_config("cityscapes", city))
     Image.fromarray(np.full((H, W), 34, np.uint8), mode="L").save(missing)
     data = registry.open_dataset(dataset_config("cityscapes", city))
-    with pytest.raises(DataError, match=re.escape(f"{missing}: label values 34 are neither classes nor the ignore label "
-                                                  "255 (this dataset's label PNGs hold label ids 0..33 (and 255))")):
+    with pytest.raises(DataError, match=re.escape(f"{missing}: label values 34 are neither classes nor the ignore "
+                                                  "label 255 (this dataset's label PNGs hold label ids 0..33 (and "
+                                                  "255))")):
         data.store.read("train", 2)
 
     sun_root = _copy(roots["sun"], tmp_path / "sun")
@@ -384,12 +387,13 @@ def test_bad_fields_are_named(folders, tmp_path):
     roots, _ = folders
     cases = [
         ({"source": "zarr"}, r"config\.data\.source: 'zarr' is not one of 'folder', 'tfds'$"),
-        ({"data_dir": ""}, r"config\.data\.data_dir: is required for dataset 'pascal' with source 'folder' \(the folder "
-                           r"with JPEGImages/"),
+        ({"data_dir": ""}, r"config\.data\.data_dir: is required for dataset 'pascal' with source 'folder' "
+                           r"\(the folder with JPEGImages/"),
         ({"data_dir": str(tmp_path / "none")}, r"config\.data\.data_dir: '.*none' is missing or not a directory$"),
         ({"labeled_images": 12}, r"config\.data\.labeled_images: 12 is not in 1\.\.11: list file .*train_aug\.txt has "
                                  r"12 images and at least one must stay unlabeled$"),
-        ({"labeled_images": 0}, r"config\.data\.labeled_images: 0 means 'as many as config\.data\.labeled_split lists'"),
+        ({"labeled_images": 0}, r"config\.data\.labeled_images: 0 means 'as many as config\.data\.labeled_split "
+                                r"lists'"),
         ({"resize": (10,)}, r"config\.data\.resize: must be \(\) \(images as stored\) or \(height, width\)"),
     ]
     for fields, message in cases:
@@ -441,7 +445,8 @@ def test_tfds_bad_input_is_named(folders, built, tmp_path):
 
     roots, _ = folders
     with pytest.raises(ConfigError, match=re.escape(
-            f"config.data.resize: (512, 1024), but {built / 'cityscapes' / 'images' / '1.0.0'} was built with (20, 24)")):
+            f"config.data.resize: (512, 1024), but {built / 'cityscapes' / 'images' / '1.0.0'} was built with "
+            "(20, 24)")):
         registry.validate(dataset_config("cityscapes", built, source="tfds", resize=(512, 1024)))
     with pytest.raises(DataError, match=re.escape(
             f"{built} holds no prepared TFDS 'sun' dataset (looked in {built / 'sun' / 'images' / '1.0.0'}); build it "
@@ -451,7 +456,8 @@ def test_tfds_bad_input_is_named(folders, built, tmp_path):
         tfds_natural.build("sun", tmp_path / "none", tmp_path / "out")
     broken = _copy(roots["sun"], tmp_path / "sun")
     (broken / sun.LABEL_DIR / f"{SUN_VAL[0]}.png").unlink()
-    assert tfds_natural.main(["--dataset", "sun", "--manual_dir", str(broken), "--data_dir", str(tmp_path / "out")]) == 1
+    assert tfds_natural.main(["--dataset", "sun", "--manual_dir", str(broken),
+                              "--data_dir", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out" / "sun" / "images" / "1.0.0" / "dataset_info.json").exists()
 
 
@@ -471,7 +477,8 @@ def test_tfds_build_and_read_never_import_tensorflow(folders, tmp_path):
         labeled, unlabeled = opened.train_sources()
         item = unlabeled[len(unlabeled) - 1]
         print(json.dumps({{"tensorflow_loaded": "tensorflow" in sys.modules, "labeled": labeled.names,
-                           "shape": list(item["image"].shape), "val_label_max": int(opened.case("val", 0).label.max())}}))
+                           "shape": list(item["image"].shape),
+                           "val_label_max": int(opened.case("val", 0).label.max())}}))
         """)
     result = run_without_tensorflow(script, tmp_path)
     assert result["tensorflow_loaded"] is False and len(result["labeled"]) == 2

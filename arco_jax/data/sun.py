@@ -50,7 +50,8 @@ def _image_files(root: Path, split: str) -> list[Path]:
 
 
 def samples(root: Path, data: ml_collections.ConfigDict, split: str) -> list[natural.Sample]:
-    items = [natural.Sample(path.stem, path, root / LABEL_DIR / f"{path.stem}.png") for path in _image_files(root, split)]
+    items = [natural.Sample(path.stem, path, root / LABEL_DIR / f"{path.stem}.png")
+             for path in _image_files(root, split)]
     natural.check_pairs(items, lambda i: f"{root / IMAGE_DIRS[split]}")
     return items
 
