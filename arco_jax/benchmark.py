@@ -11,7 +11,7 @@ Step cases build a config file's state and a random batch of its shapes (no data
   step3d:<D>x<H>x<W>   the full ARCO step of configs/la.py (VNet, 3-D head) on D x H x W patches
                        (depth first: the reference's 112 x 112 x 80 is step3d:80x112x112)
 Options after ':' change the config: batch=L+U (labeled + unlabeled samples), remat=on|off
-(arco.remat_student, on in both config files), dtype=float32|bfloat16 (model.dtype, the
+(arco.remat_student; both config files leave it to auto: on for a single CPU device), dtype=float32|bfloat16 (model.dtype, the
 networks' compute type; parameters and optimizer stay float32), filters=N (the VNet's
 n_filters, 3-D cases only), stage1=on|off (off: pretrain.steps = 0, the state of a run
 without stage 1; the step measured is stage 2's either way, with the state the trainer gives it).
@@ -252,11 +252,11 @@ def run_step_case(config_file: str, spatial, terms: str, repeats: int, options: 
     if run not in ("on", "off"):
         raise ValueError(f"benchmark option run={run!r}: use run=on or run=off")
     config = step_config(config_file, spatial, terms=terms, **options)
-    mesh = parallel.make_mesh()
     d = config.data
     if terms == "sup":  # The plain step: one batch of labeled images, CE + Dice.
         d.batch_labeled = d.batch_labeled + d.batch_unlabeled
-    _validate_without_data(config, mesh.size)
+    _validate_without_data(config, jax.device_count())  # resolves data.mesh_devices and arco.remat_student
+    mesh = parallel.make_mesh(d.mesh_devices)
     nets, tx = build_networks(config), build_optimizer(config)
     replicated = parallel.replicated(mesh)
     init = jax.jit(lambda key: create_train_state(config, nets, tx, key), out_shardings=replicated)

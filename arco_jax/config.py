@@ -23,7 +23,7 @@ LOSS_TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")
 NEGATIVE_SOURCES = ("other_classes", "reference")
 NN_GRADIENTS = ("active", "reference")
 
-__all__ = ["ConfigError", "base_config", "validate", "upgrade_record"]
+__all__ = ["ConfigError", "base_config", "data_mesh_size", "resolve_for_devices", "validate", "upgrade_record"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,8 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.spatial_rank = ml_collections.config_dict.placeholder(int)  # 2: images/slices, 3: volumes.
     c.data.in_channels = ml_collections.config_dict.placeholder(int)
     c.data.patch_size = (256, 256)
-    c.data.batch_labeled = 4  # Global batch sizes (over all devices and hosts).
+    c.data.batch_labeled = 4  # Global batch sizes (over all devices and hosts): the experiment.
     c.data.batch_unlabeled = 4
+    # Devices in the data mesh. None (auto): the most devices that split both batches evenly,
+    # the same number on every host (data_mesh_size); configs/acdc.py's 4 + 4 runs on 4 of a
+    # v5litepod-8's 8 chips. Resolved when the run starts and recorded in config.json.
+    c.data.mesh_devices = ml_collections.config_dict.placeholder(int)
     c.data.num_workers = 2  # Grain worker processes per host (0: read in the main process).
 
     c.model = ml_collections.ConfigDict()
@@ -100,7 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Memory for time: run the student's passes (labeled, strong, equivariance) as one loop that
     # recomputes activations in the backward pass (Forward.student_passes). The equivariance
     # pass then normalises its labeled and unlabeled halves as separate batch-norm batches.
-    c.arco.remat_student = False
+    # None (auto): on for a single CPU device only (resolve_for_devices), where host memory is
+    # what runs out; recorded in config.json as resolved.
+    c.arco.remat_student = ml_collections.config_dict.placeholder(bool)
     c.arco.teacher_train_mode = True  # Reference: teacher with dropout and batch-stat BN.
     c.arco.warp_pseudo_labels = True  # (variant) Warp pseudo-labels with the strong view (the code does not).
     # Mean Teacher consistency (loss_weights.consistency): weight w exp(-5 (1 - t / (rampup T))^2)
@@ -191,21 +197,105 @@ def _positive(value, field: str) -> None:
         _fail(field, f"must be a positive number, got {value!r}")
 
 
-def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> None:
-    """Raise ConfigError on the first setting that cannot work; cheap, no data is read."""
+BATCH_FIELDS = ("batch_labeled", "batch_unlabeled")
+# Fields left to the hardware when None (auto): resolve_for_devices fills them when a run starts.
+RESOLVED_FIELDS = ("data.mesh_devices", "arco.remat_student")
+
+
+def data_mesh_size(batch_sizes: dict[str, int], device_count: int, process_count: int = 1,
+                   requested: int | None = None) -> int:
+    """How many devices the data mesh uses for these global batch sizes ({field: size}).
+
+    The global batch is the experiment (the learning rate and the batch-norm batches are tuned
+    for it), so it is never rescaled to the hardware: `requested` (data.mesh_devices) when
+    given, else the most devices that split every batch evenly with the same number of
+    devices on every host (each host feeds its own rows). 4 + 4 on 8 chips: 4 of them; on 16
+    chips over 4 hosts: one chip per host. A pure function of the counts, so a launcher can
+    check a config against an accelerator before creating it. ConfigError names the field.
+    """
+    if not (isinstance(device_count, int) and isinstance(process_count, int) and 0 < process_count <= device_count
+            and device_count % process_count == 0):
+        raise ConfigError(f"{device_count} devices over {process_count} hosts: expected the same number of devices "
+                          "on every host")
+    for field, size in batch_sizes.items():
+        _positive(size, f"data.{field}")
+        if size % process_count:
+            _fail(f"data.{field}", f"{size} rows cannot be split evenly over the {process_count} hosts of this run "
+                  f"(each host feeds its own rows): use a multiple of {process_count}")
+    if requested is None:
+        per_host = device_count // process_count
+        return max(process_count * m for m in range(1, per_host + 1)
+                   if all(size % (process_count * m) == 0 for size in batch_sizes.values()))
+    if not (isinstance(requested, int) and not isinstance(requested, bool) and requested > 0):
+        _fail("data.mesh_devices", f"must be a positive integer or None (auto), got {requested!r}")
+    if requested > device_count:
+        _fail("data.mesh_devices", f"{requested} devices asked for, this run has {device_count}")
+    if requested % process_count:
+        _fail("data.mesh_devices", f"{requested} devices cannot be taken equally from the {process_count} hosts")
+    for field, size in batch_sizes.items():
+        if size % requested:
+            _fail(f"data.{field}", f"{size} is not divisible by the {requested} devices of the data mesh "
+                  "(data.mesh_devices)")
+    return requested
+
+
+def resolve_for_devices(c: ml_collections.ConfigDict, device_count: int, process_count: int = 1,
+                        platform: str = "cpu") -> None:
+    """Fill the fields left to the hardware (RESOLVED_FIELDS, None: auto) for `device_count`
+    devices over `process_count` hosts on `platform` ('cpu', 'gpu', 'tpu'); set ones are checked.
+
+    data.mesh_devices: data_mesh_size. arco.remat_student: on for a single CPU device only: it
+    trades about 17 % more step time (and the equivariance pass's batch-norm batch) for host
+    memory, which is what a CPU runs out of; on several CPU devices XLA unrolls the loop and
+    it saves nothing, and a GPU or TPU holds the 256 px step without it. The resolved values
+    are recorded in config.json, so resuming on other hardware shows up as a config change.
+    """
+    d, a = c.data, c.arco
+    d.mesh_devices = data_mesh_size({f: d[f] for f in BATCH_FIELDS}, device_count, process_count, d.mesh_devices)
+    if a.remat_student is None:
+        a.remat_student = platform == "cpu" and d.mesh_devices == 1
+
+
+def fill_unrecorded(stored: dict, given: dict) -> dict:
+    """A stored config.json from before a RESOLVED_FIELDS field was recorded (None there) takes
+    the given run's value: such a run used every device with batches that divided by them,
+    which is what auto resolves to on the same hardware."""
+    stored = json.loads(json.dumps(stored))
+    for dotted in RESOLVED_FIELDS:
+        section, field = dotted.split(".")
+        if stored.get(section, {}).get(field) is None and given.get(section, {}).get(field) is not None:
+            stored.setdefault(section, {})[field] = given[section][field]
+    return stored
+
+
+def validate(c: ml_collections.ConfigDict, device_count: int | None = None, *, process_count: int = 1,
+             platform: str | None = None, check_data: bool = True) -> None:
+    """Raise ConfigError on the first setting that cannot work; cheap, no data is read.
+
+    With `device_count` (all devices of all `process_count` hosts) the fields left to the
+    hardware are resolved for it (resolve_for_devices; `platform` None: JAX's default backend).
+    `check_data=False` leaves out the dataset's check of its folder (a launcher checking a
+    config on a machine without the data)."""
     d, a = c.data, c.arco
     if not d.dataset:
         _fail("data.dataset", f"no dataset chosen; known: {', '.join(registry.names())} (a config file picks one "
               "with arco_jax.data.registry.select(config, name))")
     registry.get(d.dataset)
-    registry.validate(c)
+    if check_data:
+        registry.validate(c)
     registry.resolve(c)
     rank = d.spatial_rank
-    for field in ("batch_labeled", "batch_unlabeled"):
-        value = d[field]
+    batches = {field: d[field] for field in BATCH_FIELDS}
+    for field, value in batches.items():
         _positive(value, f"data.{field}")
-        if device_count and value % device_count:
-            _fail(f"data.{field}", f"{value} is not divisible by the {device_count} devices of the data mesh")
+    if device_count:
+        if platform is None:
+            import jax  # pylint: disable=import-outside-toplevel
+
+            platform = jax.default_backend()
+        resolve_for_devices(c, device_count, process_count, platform)
+    elif d.mesh_devices is not None:
+        data_mesh_size(batches, d.mesh_devices, 1, d.mesh_devices)
     if d.batch_unlabeled < 2:
         _fail("data.batch_unlabeled", "CutMix pairs each unlabeled image with the next one: needs >= 2")
 
@@ -249,7 +339,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None) -> N
     _choice(a.negatives, "arco.negatives", NEGATIVE_SOURCES)
     _choice(a.nn_gradient, "arco.nn_gradient", NN_GRADIENTS)
     _choice(a.warp_pseudo_labels, "arco.warp_pseudo_labels", (True, False))
-    _choice(a.remat_student, "arco.remat_student", (True, False))
+    _choice(a.remat_student, "arco.remat_student", (True, False, None))
     for field in ("consistency_rampup", "consistency_noise"):
         if not (isinstance(a[field], (int, float)) and a[field] >= 0):
             _fail(f"arco.{field}", f"must be a number >= 0, got {a[field]!r}")

@@ -37,12 +37,17 @@ def collectives_in_loops_are_safe() -> bool:
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A ('data',) mesh over all devices of all processes (or the first `num_devices`)."""
+    """A ('data',) mesh over all devices of all processes, or over `num_devices` of them
+    (config.data.mesh_devices): the first num_devices / process_count of every process, so
+    each process feeds its rows to its own devices."""
     devices = jax.devices()
     if num_devices is not None:
-        if num_devices > len(devices):
-            raise ValueError(f"asked for {num_devices} devices, only {len(devices)} are visible")
-        devices = devices[:num_devices]
+        processes = sorted({d.process_index for d in devices})
+        per_process, uneven = divmod(num_devices, len(processes))
+        if num_devices > len(devices) or uneven or not per_process:
+            raise ValueError(f"asked for {num_devices} devices, {len(devices)} are visible on {len(processes)} "
+                             "processes (the mesh takes the same number from each)")
+        devices = [d for p in processes for d in [d for d in devices if d.process_index == p][:per_process]]
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -56,7 +56,8 @@ def get_config(config_string: str | None = None):
     p.window, p.window_grid = 20, 4
     config.eval.window = (80, 112, 112)
     config.eval.stride = (4, 18, 18)
-    config.arco.remat_student = True  # 3-D passes are large: recompute rather than keep them
+    # arco.remat_student auto: on for a single CPU device (9.7 GB compiled at 4 + 4 instead of
+    # 22.5, benchmarks/la_step.md); set it true on an accelerator with less memory than that.
     methods.apply_method(config, "arco_sag")
     return without_equivariance(methods.apply_config_string(config, config_string))
 

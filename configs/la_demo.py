@@ -31,6 +31,7 @@ def get_config(config_string: str | None = None):
     config.data.patch_size = (32, 48, 48)
     config.data.batch_labeled = config.data.batch_unlabeled = 2
     config.data.num_workers = 0
+    config.arco.remat_student = False  # small patches fit anywhere: no recomputation
     config.model.name = "vnet"
     config.model.vnet = ml_collections.ConfigDict({"n_filters": 8, "dropout": True})
     config.model.rep_dim = 16

@@ -52,14 +52,14 @@ def test_unet_case_reports_flops_and_the_forward_share():
 def test_remat_option_sets_the_switch_and_rejects_other_values():
     assert benchmark.step_config("acdc", (64, 64), remat="off").arco.remat_student is False
     assert benchmark.step_config("acdc", (64, 64), remat="on").arco.remat_student is True
-    assert benchmark.step_config("acdc", (64, 64)).arco.remat_student is True  # configs/acdc.py
+    assert benchmark.step_config("acdc", (64, 64)).arco.remat_student is None  # configs/acdc.py: auto
     with pytest.raises(ValueError, match="remat='yes'"):
         benchmark.step_config("acdc", (64, 64), remat="yes")
 
 
 def test_step_and_window_configs_come_from_the_config_files():
     la = benchmark.step_config("la", None)
-    assert la.data.patch_size == (80, 112, 112) and la.model.name == "vnet" and la.arco.remat_student is True
+    assert la.data.patch_size == (80, 112, 112) and la.model.name == "vnet" and la.arco.remat_student is None
     assert (la.data.batch_labeled, la.data.batch_unlabeled) == (4, 4) and la.data.dataset == "la"
     small = benchmark.step_config("la", (16, 32, 32), batch="2+3", dtype="bfloat16", filters="4")
     assert small.data.patch_size == (16, 32, 32) and (small.data.batch_labeled, small.data.batch_unlabeled) == (2, 3)

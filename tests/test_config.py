@@ -110,7 +110,7 @@ def test_phantom_accepts_any_positive_labeled_count():
 # ----------------------------------------------------------------------------- one test per rule
 
 @pytest.mark.parametrize("field, value", [
-    ("data.dataset", "cityscapes"),
+    ("data.dataset", "kitti"),  # not registered (Cityscapes is)
     ("data.one_patient_split", "half"),
     ("arco.sampler", "stratified"),
     ("arco.strata", "grid"),
@@ -183,13 +183,16 @@ def test_patch_size_follows_the_models_input_multiple():
 
 @pytest.mark.parametrize("field, other", [("batch_labeled", "batch_unlabeled"),
                                           ("batch_unlabeled", "batch_labeled")])
-def test_batch_must_divide_over_the_devices(field, other):
-    c = phantom_config()
-    c.data[field] = 6
-    c.data[other] = 12
-    for devices in (1, 2, 3, 6):
+def test_batch_takes_the_most_devices_it_divides_over(field, other):
+    for devices, used in ((1, 1), (2, 2), (3, 3), (4, 3), (6, 6), (8, 6)):
+        c = phantom_config()
+        c.data[field], c.data[other] = 6, 12
         validate(c, device_count=devices)
-    assert_rejected(c, f"data.{field}", device_count=4, mentions=("6", "4 devices"))
+        assert c.data.mesh_devices == used, devices
+    c = phantom_config()
+    c.data[field], c.data[other] = 6, 12
+    c.data.mesh_devices = 4  # asked for explicitly: refused, naming the batch
+    assert_rejected(c, f"data.{field}", device_count=8, mentions=("6", "4 devices"))
 
 
 @pytest.mark.parametrize("field", ["batch_labeled", "batch_unlabeled"])
