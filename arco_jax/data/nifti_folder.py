@@ -409,11 +409,12 @@ def _case_target(target: tuple | None, spacing: tuple[float, ...]) -> tuple[floa
 # ---------------------------------------------------------------------------------------------
 # Splits
 
-def read_case_list(path: str, field: str, known: list[str]) -> list[str]:
-    """Case ids of a list file (one per line), each a known case, none twice."""
-    file = Path(path)
+def read_case_list(path: str, field: str, known: list[str], root: Path) -> list[str]:
+    """Case ids of a list file (one per line), each a known case, none twice. A relative path
+    is in the data folder (the converters write train.txt and test.txt there)."""
+    file = Path(path) if Path(path).is_absolute() else root / path
     if not file.is_file():
-        _fail(field, f"{path!r} is not a file")
+        _fail(field, f"{str(file)!r} is not a file")
     try:
         lines = [(n, line.strip()) for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
@@ -434,6 +435,7 @@ def read_case_list(path: str, field: str, known: list[str]) -> list[str]:
 def make_splits(config: ml_collections.ConfigDict, cases: list[str]) -> dict[str, list[str]]:
     """{'labeled', 'unlabeled', 'val', 'test'}: case ids (the one place the splits are made)."""
     d = config.data
+    root = Path(d.data_dir)
     order = [cases[i] for i in np.random.default_rng(d.split_seed).permutation(len(cases))]
     taken: dict[str, str] = {}
 
@@ -448,13 +450,13 @@ def make_splits(config: ml_collections.ConfigDict, cases: list[str]) -> dict[str
         free = [c for c in order if c not in taken]
         return claim(part, free[: int(round(fraction * len(cases)))], field)
 
-    test = (claim("test", read_case_list(d.test_list, "test_list", cases), "test_list") if d.test_list
+    test = (claim("test", read_case_list(d.test_list, "test_list", cases, root), "test_list") if d.test_list
             else by_fraction("test", d.test_fraction, "test_fraction"))
-    val = (claim("val", read_case_list(d.val_list, "val_list", cases), "val_list") if d.val_list
+    val = (claim("val", read_case_list(d.val_list, "val_list", cases, root), "val_list") if d.val_list
            else by_fraction("val", d.val_fraction, "val_fraction"))
     free = [c for c in order if c not in taken]
     if d.labeled_list:
-        labeled = claim("labeled", read_case_list(d.labeled_list, "labeled_list", cases), "labeled_list")
+        labeled = claim("labeled", read_case_list(d.labeled_list, "labeled_list", cases, root), "labeled_list")
     else:
         if d.labeled_cases > len(free) - 1:
             _fail("labeled_cases", f"{d.labeled_cases} of {len(free)} training cases (of {len(cases)}, after "
