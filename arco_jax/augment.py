@@ -421,7 +421,11 @@ def warp_affine(x: Array, matrices: Array, *, order: int, cval: float = 0.0) -> 
     points = pixels * to_norm - 1.0
     homogeneous = jnp.concatenate([points, jnp.ones(spatial_shape + (1,), jnp.float32)], -1)
     axes = "dhw"[-rank:]
-    sampled = jnp.einsum(f"bij,{axes}j->b{axes}i", matrices.astype(jnp.float32), homogeneous)
+    # HIGHEST: at DEFAULT precision TPUs (and GPUs with TF32) round the operands to bfloat16
+    # (or TF32), which moves 256 px sample coordinates by up to ~0.4 px; exact float32 costs
+    # nothing at this size (a few multiply-adds per pixel).
+    sampled = jnp.einsum(f"bij,{axes}j->b{axes}i", matrices.astype(jnp.float32), homogeneous,
+                         precision=jax.lax.Precision.HIGHEST)
     sampled_pixels = (sampled + 1.0) / to_norm
     return resample(x, sampled_pixels[..., ::-1], order=order, cval=cval)
 

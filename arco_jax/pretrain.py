@@ -153,7 +153,10 @@ def similarity_kl(student: jax.Array, teacher: jax.Array, queue: jax.Array, stud
     constant target. Mean over B and the middle axes (torch's kl_div 'batchmean' per row).
     """
     queue = losses.l2_normalize(queue)
-    similarity = lambda x: jnp.einsum("b...d,k...d->b...k", losses.l2_normalize(x), queue)  # noqa: E731
+    # HIGHEST: the cosines are divided by temperatures of 0.1, which would magnify DEFAULT
+    # precision's bfloat16 rounding (TPU) tenfold; the queue is a few dozen rows.
+    similarity = lambda x: jnp.einsum("b...d,k...d->b...k", losses.l2_normalize(x), queue,  # noqa: E731
+                                      precision=jax.lax.Precision.HIGHEST)
     student_log_probs = jax.nn.log_softmax(similarity(student) / student_temperature, axis=-1)
     teacher_log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(similarity(teacher)) / teacher_temperature, -1)
     kl = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)

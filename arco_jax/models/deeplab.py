@@ -139,10 +139,12 @@ class DeepLabV3Plus(nn.Module):
         low = ConvBNReLU(LOW_LEVEL_CHANNELS, 1, **args, name="low_level")(low, train=train)
         z = jnp.concatenate([low, resize_bilinear_align_corners(aspp, low.shape[1:3])], axis=-1)
         hidden = ConvBNReLU(DECODER_CHANNELS, 3, **args, name="classifier")(z, train=train)
+        # The output conv in float32 (as the UNet's): logits are not rounded to bfloat16.
         logits = nn.Conv(self.num_classes, (1, 1), kernel_init=uniform_fan_in(DECODER_CHANNELS),
-                         bias_init=uniform_fan_in(DECODER_CHANNELS), **args, name="classifier_out")(hidden)
+                         bias_init=uniform_fan_in(DECODER_CHANNELS), **{**args, "dtype": jnp.float32},
+                         name="classifier_out")(hidden)
         representation = ConvBNReLU(DECODER_CHANNELS, 3, **args, name="representation")(z, train=train)
-        logits = resize_bilinear_align_corners(logits.astype(jnp.float32), x.shape[1:3])
+        logits = resize_bilinear_align_corners(logits, x.shape[1:3])
         grid = jnp.zeros(x.shape[:3] + (0,), self.dtype)
         return logits, (aspp, representation, grid)
 

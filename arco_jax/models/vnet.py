@@ -246,6 +246,8 @@ class VNet(nn.Module):
         # The head reads the last stage before its dropout, as the reference's feature list does.
         features = tuple(decoder_maps[:-1]) + (jnp.concatenate([decoder_maps[-1], x], axis=-1),)
         x = self._channel_dropout(x, train)
+        # The output conv in float32 (as the UNet's): logits are not rounded to bfloat16.
         logits = nn.Conv(self.num_classes, (1, 1, 1), kernel_init=uniform_fan_in(self.n_filters),
-                         bias_init=uniform_fan_in(self.n_filters), name="out_conv", **conv_args)(x)
-        return logits.astype(jnp.float32), features
+                         bias_init=uniform_fan_in(self.n_filters), name="out_conv",
+                         **{**conv_args, "dtype": jnp.float32})(x)
+        return logits, features
