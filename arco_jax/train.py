@@ -26,9 +26,9 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from arco_jax import evaluators, files, methods, parallel
+from arco_jax import evaluators, files, methods, monitoring, parallel
 from arco_jax.checkpointing import Checkpoints, committed_steps
-from arco_jax.config import ConfigError, fill_unrecorded, from_record, validate
+from arco_jax.config import ConfigError, from_record, validate
 from arco_jax.data import pipeline, registry
 from arco_jax.core import Batch
 from arco_jax.state import (Networks, TrainState, build_networks, build_optimizer, create_train_state,
@@ -123,8 +123,7 @@ def check_workdir_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     if not (has_run and stored_path.exists()):
         return False
     try:
-        stored = fill_unrecorded(config_record(from_record(json.loads(stored_path.read_text()))),
-                                 config_record(config))
+        stored = config_record(from_record(json.loads(stored_path.read_text())))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{stored_path} is not valid JSON ({error}); it records the config of the run "
                           "in this workdir: restore it, or use another --workdir") from error
@@ -187,6 +186,10 @@ class Predictors:
 class MetricLog:
     """metrics.jsonl (survives restarts) and the console progress line.
 
+    A train record holds the means over its log interval (monitoring.IntervalMeans: the steps
+    since the previous record; a run resumed off the log grid starts with a shorter one), `lr`
+    the last update's, and steps_per_sec the interval's training rate (validation excluded).
+
     On a local disk each record is appended as it comes. An object in a bucket cannot be
     appended to, so there the file is held in memory and rewritten whole at most once a
     minute and at every checkpoint: a resumed run finds every line up to its checkpoint.
@@ -195,10 +198,17 @@ class MetricLog:
     REMOTE_WRITE_SECONDS = 60.0
 
     def __init__(self, workdir: epath.Path, total_steps: int, boundary: int = 0,
-                 terms: dict[int, tuple[str, ...]] | None = None):
+                 terms: dict[int, tuple[str, ...]] | None = None, images_per_step: int = 0,
+                 eval_every: int | None = None):
         """`boundary`: the first stage-2 step (0 without stage 1); `terms`: {stage: the loss
-        terms the progress line shows} (None: every `loss_<term>` metric)."""
+        terms the progress line shows} (None: every `loss_<term>` metric); `images_per_step`:
+        the global batch (labeled + unlabeled), for images/s; `eval_every`: the validation
+        period, whose time the ETA adds."""
         self.terms = terms
+        self.images_per_step = images_per_step
+        self.eval_every = eval_every
+        self._paused = 0.0  # Seconds of the current interval spent validating.
+        self._eval_seconds: list[float] = []
         self.enabled = parallel.is_main_process()
         self.path = workdir / "metrics.jsonl"
         self.total_steps = total_steps
@@ -232,6 +242,12 @@ class MetricLog:
 
     def start(self, step: int) -> None:
         self._mark = (step, time.perf_counter())
+        self._paused = 0.0
+
+    def evaluated(self, seconds: float) -> None:
+        """A validation took `seconds`: left out of steps/s, counted in the ETA."""
+        self._paused += seconds
+        self._eval_seconds.append(seconds)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -253,21 +269,35 @@ class MetricLog:
             self._unwritten = False
         self._written_at = time.monotonic()
 
-    def progress(self, step: int, metrics: dict, stage: int) -> None:
-        """`stage`: the stage of the update that produced `step` (its terms are printed)."""
+    def progress(self, step: int, metrics: dict, stage: int, averaged_over: int | None = None) -> dict:
+        """`metrics`: the interval's means (host floats); `stage`: the stage of the updates that
+        produced them (its terms are printed); `averaged_over`: how many steps they cover.
+        Returns the record written."""
         now = time.perf_counter()
         last_step, last_time = self._mark
         self._mark = (step, now)
-        rate = (step - last_step) / (now - last_time) if last_step is not None and now > last_time else float("nan")
+        elapsed = now - last_time - self._paused if last_step is not None else 0.0
+        self._paused = 0.0
+        # NaN when no step was timed (an interval of only a compiling first step).
+        timed = last_step is not None and step > last_step and elapsed > 0
+        rate = (step - last_step) / elapsed if timed else float("nan")
         # Stage 1 runs several times faster than stage 2, so its rate only predicts its own end.
         stage_end = self.boundary if stage == 1 else self.total_steps
-        eta = _duration((stage_end - step) / rate if rate > 0 else float("nan"))
-        self.write({"split": "train", "step": step, "stage": stage, "steps_per_sec": rate, **metrics})
+        left = (stage_end - step) / rate if rate > 0 else float("nan")
+        if self.eval_every and self._eval_seconds:
+            left += (stage_end // self.eval_every - step // self.eval_every) * float(np.mean(self._eval_seconds))
+        eta = _duration(left)
+        record = {"split": "train", "step": step, "stage": stage, "steps_per_sec": rate, **metrics}
+        self.write(record)
         names = self.terms[stage] if self.terms else [k[5:] for k in metrics if k.startswith("loss_")]
         terms = " ".join(f"{name} {metrics['loss_' + name]:.4f}" for name in names)
-        log.info("stage %d | step %d/%d | loss %.4f (%s) | lr %.5f | %.2f steps/s | ETA %s", stage,
-                 step, self.total_steps, metrics["loss"], terms, metrics["lr"], rate,
+        mean_of = f"mean of {averaged_over} steps: " if averaged_over else ""
+        grad = f" grad {metrics['grad_norm']:.3g}" if "grad_norm" in metrics else ""
+        images = f", {rate * self.images_per_step:.1f} images/s" if self.images_per_step else ""
+        log.info("stage %d | step %d/%d | %sloss %.4f (%s)%s | lr %.5f | %.2f steps/s%s | ETA %s", stage,
+                 step, self.total_steps, mean_of, metrics["loss"], terms, grad, metrics["lr"], rate, images,
                  f"{eta} to stage 2" if stage == 1 else eta)
+        return record
 
 
 def _duration(seconds: float) -> str:
@@ -322,25 +352,26 @@ class PreemptionWatch:
 # ----------------------------------------------------------------------------- the job
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
-                       allow_config_change: bool = False) -> dict:
+                       allow_config_change: bool = False, profile_steps=None) -> dict:
     """Train (resuming from the workdir's newest intact checkpoint if any), select on val,
     report test. Raises Preempted after saving when SIGTERM arrives during training (a notice
     that comes while starting up is acted on after the first step; one that comes during the
-    final test evaluation lets it finish: the last state is saved by then)."""
+    final test evaluation lets it finish: the last state is saved by then). `profile_steps`:
+    'START:END' or (START, END), global steps whose updates jax.profiler traces into
+    <workdir>/tensorboard."""
     with PreemptionWatch() as preemption:
-        return _train_and_evaluate(config, files.workdir_path(workdir), allow_config_change, preemption)
+        return _train_and_evaluate(config, files.workdir_path(workdir), allow_config_change, preemption,
+                                   profile_steps)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, allow_config_change: bool,
-                        preemption: PreemptionWatch) -> dict:
+                        preemption: PreemptionWatch, profile_steps=None) -> dict:
     _console()
+    mesh = parallel.make_mesh()
     check_same_config_on_all_processes(config)
-    # The fields left to the hardware (data.mesh_devices, arco.remat_student) are resolved here
-    # and recorded in config.json with the rest.
-    validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
-             platform=jax.default_backend())
-    mesh = parallel.make_mesh(config.data.mesh_devices)
+    validate(config, device_count=mesh.size)
     is_main = parallel.is_main_process()
+    monitoring.check_profile_steps(profile_steps, config.pretrain.steps + config.train.steps)  # before any read
 
     def claim_workdir() -> None:
         if is_main:
@@ -363,10 +394,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
              split_sizes["test"], dict(mesh.shape), jax.process_count())
     if is_main:  # Which cases were labeled, and the dataset's preprocessing plan (predict applies it).
         files.write_json(workdir / registry.DATA_RECORD, data.labeled_record)
-    if mesh.size < jax.device_count():
-        log.info("data mesh: %d of the %d devices (data.mesh_devices, for the global batches %d+%d); %d idle",
-                 mesh.size, jax.device_count(), config.data.batch_labeled, config.data.batch_unlabeled,
-                 jax.device_count() - mesh.size)
 
     # Model, optimizer, state (replicated over the mesh), then the newest intact checkpoint.
     nets = build_networks(config)
@@ -418,8 +445,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
               for stage, m in stages.items() if m.finish is not None}
     evaluator = evaluators.build(config)
     predictors = Predictors(config, nets)
-    metric_log = MetricLog(workdir, total_steps, boundary, stage_terms(config))
+    terms = stage_terms(config)
+    images_per_step = config.data.batch_labeled + config.data.batch_unlabeled
+    metric_log = MetricLog(workdir, total_steps, boundary, terms, images_per_step, config.train.eval_every)
     metric_log.keep_until(start)
+    events = monitoring.EventLog(workdir, start)
+    profiler = monitoring.Profiler(profile_steps, total_steps, start, events.trace_dir)
+    interval = monitoring.IntervalMeans()
+    table, count = monitoring.parameter_table(state.params)
+    log.info("model: %s parameters (table in parameters.txt)", f"{count:,}")
+    if is_main:
+        files.write_text(workdir / "parameters.txt", table + "\n")
+        events.text(start, "overlay_legend", monitoring.legend(config.data.class_names, config.data.num_classes))
+
+    drawing = {"on": is_main}
+
+    def overlays(predict, split: str) -> dict:
+        """A few cases of `split` drawn for TensorBoard (process 0). A failure to draw is
+        said once and drawing stops; training goes on."""
+        if not drawing["on"]:
+            return {}
+        try:
+            return monitoring.overlays(evaluator, predict, data, split, config.data.spatial_rank,
+                                       config.data.num_classes, config.data.ignore_label)
+        except Exception as error:  # noqa: BLE001
+            drawing["on"] = False
+            log.warning("tensorboard: no more overlay images (drawing %s cases failed: %r)", split, error)
+            return {}
 
     # The loop. Every step that logs, validates or saves first checks that training is still
     # finite, so a frozen (diverged) state is never saved. Validation runs in both stages (the
@@ -434,10 +486,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             first_of_stage = step == max(start, boundary if stage == 2 else 0)
             if first_of_stage:
                 started = time.perf_counter()
-            labeled, unlabeled = next(streams)
-            arrays = parallel.global_batch(mesh, {"image_l": labeled["image"], "label_l": labeled["label"],
-                                                  "image_u": unlabeled["image"]})
-            state, metrics = steppers[stage](state, Batch(**arrays))
+            profiler.before_update(step)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                labeled, unlabeled = next(streams)
+                arrays = parallel.global_batch(mesh, {"image_l": labeled["image"], "label_l": labeled["label"],
+                                                      "image_u": unlabeled["image"]})
+                state, metrics = steppers[stage](state, Batch(**arrays))
+            interval.add(metrics)
             step += 1
             if step == (boundary if stage == 1 else total_steps) and stage in finish:
                 state = finish[stage](state)  # Stage 2 starts from the stage-1 student, as student and teacher.
@@ -446,6 +501,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 jax.block_until_ready(metrics)
                 log.info("stage %d train step compiled and run once in %.1f s", stage, time.perf_counter() - started)
                 metric_log.start(step)
+            profiler.after_update(step, metrics)
             last = step == total_steps
             at_boundary = step == boundary
             preempted = preemption.reached(step)
@@ -453,16 +509,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                     or step % t.checkpoint_every == 0):
                 continue
             _check_finite(config, state, workdir / "checkpoints")
-            if last or step % t.log_every == 0:
-                metric_log.progress(step, {k: float(v) for k, v in parallel.fetch(metrics).items()}, stage)
+            # The stage-1 interval ends at the boundary: a mean never mixes the two stages' terms.
+            if last or at_boundary or step % t.log_every == 0:
+                averaged_over = interval.count
+                record = metric_log.progress(step, interval.read(), stage, averaged_over)
+                events.scalars(step, monitoring.train_scalars(record, terms[stage] if terms else None,
+                                                              images_per_step))
             if validates and (last or step % t.eval_every == 0):
-                measured = evaluator.run(predictors(state), data, "val").metrics
+                started_eval = time.perf_counter()
+                predict = predictors(state)
+                result = evaluator.run(predict, data, "val")
+                measured = result.metrics
                 value = measured[metric]
                 metric_log.write({"split": "val", "step": step, "stage": stage, **measured})
                 improved = stage == 2 and evaluators.better(value, best[key], mode)
                 if improved:
                     best = {"step": step, key: value}
                     checkpoints.save_best(step, state, value, metric)
+                events.scalars(step, {**monitoring.eval_scalars("val", measured, result.record),
+                                      f"val/best_{metric}": best[key]})
+                events.images(step, overlays(predict, "val"))
+                metric_log.evaluated(time.perf_counter() - started_eval)
                 if stage == 1:
                     log.info("val step %d (stage 1: not a candidate for best) | %s %.4f", step, metric, value)
                 else:
@@ -472,11 +539,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             if last or preempted or at_boundary or step % t.checkpoint_every == 0:
                 checkpoints.save_last(step, state, streams)
                 metric_log.flush()
+                events.flush()
             if preempted and not last:
                 checkpoints.wait()
                 raise Preempted(step, checkpoints.last.directory)
     except BaseException:
-        _close_quietly(checkpoints, metric_log)  # Let a save in flight finish: the newest good checkpoint survives.
+        profiler.stop()
+        _close_quietly(checkpoints, metric_log, events)  # Let a save in flight finish: the newest good one survives.
         streams.close()
         raise
     checkpoints.wait()
@@ -491,12 +560,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     for name, candidate in candidates:
         if candidate is None:
             continue
-        result = evaluator.run(predictors(candidate), data, "test")
+        predict = predictors(candidate)
+        result = evaluator.run(predict, data, "test")
         results["test"][name] = result.record
+        events.scalars(step, monitoring.eval_scalars(f"test_{name}", result.metrics, result.record))
+        if name == "last":
+            events.images(step, overlays(predict, "test"))
         title = f"val-selected (step {best['step']})" if name == "best" else f"last (step {step})"
         tables.append(f"### Test, {title}\n\n" + result.table)
         log.info("test (%s): %s %.4f", name, metric, result.metrics[metric])
     checkpoints.close()
+    events.close()
     if is_main:
         files.write_json(workdir / "results.json", results)
         header = (f"# ARCO results: {config.data.dataset}, {data.labeled_description}, sampler "
@@ -506,12 +580,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     return results
 
 
-def _close_quietly(checkpoints: Checkpoints, metric_log: MetricLog) -> None:
+def _close_quietly(checkpoints: Checkpoints, metric_log: MetricLog, events: monitoring.EventLog) -> None:
     """On the way out of an error: finish what can be finished, never mask the first error."""
     try:
         metric_log.flush()
     except Exception as error:  # noqa: BLE001
         log.warning("while stopping, writing metrics.jsonl also failed: %s", error)
+    try:
+        events.close()
+    except Exception as error:  # noqa: BLE001
+        log.warning("while stopping, writing the TensorBoard events also failed: %s", error)
     try:
         checkpoints.close()
     except Exception as error:  # noqa: BLE001
