@@ -9,9 +9,14 @@ itself on TPU pods and SLURM/Kubernetes clusters; elsewhere give --coordinator_a
 --num_processes and --process_id (each implies --multihost). Every host runs the same
 command with the same --workdir (a shared filesystem or bucket).
 
+--profile_steps=START:END writes a jax.profiler trace of the updates from global step START
+to END into <workdir>/tensorboard, for TensorBoard's profile plugin (skip the first steps:
+they compile).
+
 Exit codes: 0 done; 75 (EX_TEMPFAIL) preempted: SIGTERM arrived, the current step was saved
 and the same command resumes it; 2 a bad --config.<field> override (no such field, or a value
-of the wrong type), told in one line; 1 any other error (the message names its cause).
+of the wrong type) or a bad --profile_steps, told in one line; 1 any other error (the message
+names its cause).
 """
 import difflib
 import re
@@ -34,6 +39,9 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --multihost).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of the job (implies --multihost).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 ... num_processes-1 (implies --multihost).")
+flags.DEFINE_string("profile_steps", None,
+                    "START:END: trace the updates from global step START to END with jax.profiler into "
+                    "<workdir>/tensorboard (TensorBoard's profile tab).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -141,11 +149,18 @@ def main(argv):
                 "process_id": FLAGS.process_id}
     if FLAGS.multihost or any(v is not None for v in explicit.values()):
         jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
-    from arco_jax import train
+    from arco_jax import monitoring, train
 
+    try:  # Before anything is read or compiled.
+        profile_steps = monitoring.check_profile_steps(FLAGS.profile_steps,
+                                                       FLAGS.config.pretrain.steps + FLAGS.config.train.steps)
+    except monitoring.ConfigError as error:
+        print(error, file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
     logging.set_verbosity(logging.WARNING)  # Library chatter (Orbax, Grain); progress has its own logger.
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change,
+                                 profile_steps=profile_steps)
     except train.Preempted as preempted:
         print(preempted, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
