@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from arco_jax import evaluators, files, methods, monitoring, parallel
 from arco_jax.checkpointing import Checkpoints, committed_steps
-from arco_jax.config import ConfigError, from_record, validate
+from arco_jax.config import ConfigError, fill_unrecorded, from_record, validate
 from arco_jax.data import pipeline, registry
 from arco_jax.core import Batch
 from arco_jax.state import (Networks, TrainState, build_networks, build_optimizer, create_train_state,
@@ -123,7 +123,8 @@ def check_workdir_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     if not (has_run and stored_path.exists()):
         return False
     try:
-        stored = config_record(from_record(json.loads(stored_path.read_text())))
+        stored = fill_unrecorded(config_record(from_record(json.loads(stored_path.read_text()))),
+                                 config_record(config))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{stored_path} is not valid JSON ({error}); it records the config of the run "
                           "in this workdir: restore it, or use another --workdir") from error
@@ -367,9 +368,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, allow_config_change: bool,
                         preemption: PreemptionWatch, profile_steps=None) -> dict:
     _console()
-    mesh = parallel.make_mesh()
     check_same_config_on_all_processes(config)
-    validate(config, device_count=mesh.size)
+    # The fields left to the hardware (data.mesh_devices, arco.remat_student) are resolved here
+    # and recorded in config.json with the rest.
+    validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
+             platform=jax.default_backend())
+    mesh = parallel.make_mesh(config.data.mesh_devices)
     is_main = parallel.is_main_process()
     monitoring.check_profile_steps(profile_steps, config.pretrain.steps + config.train.steps)  # before any read
 
@@ -394,6 +398,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
              split_sizes["test"], dict(mesh.shape), jax.process_count())
     if is_main:  # Which cases were labeled, and the dataset's preprocessing plan (predict applies it).
         files.write_json(workdir / registry.DATA_RECORD, data.labeled_record)
+    if mesh.size < jax.device_count():
+        log.info("data mesh: %d of the %d devices (data.mesh_devices, for the global batches %d+%d); %d idle",
+                 mesh.size, jax.device_count(), config.data.batch_labeled, config.data.batch_unlabeled,
+                 jax.device_count() - mesh.size)
 
     # Model, optimizer, state (replicated over the mesh), then the newest intact checkpoint.
     nets = build_networks(config)
