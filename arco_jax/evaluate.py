@@ -15,6 +15,11 @@ without spacing). When a volume's h5 carries a `spacing` attribute or dataset (3
 numbers in millimetres, in the array's axis order (z, y, x), i.e. slice spacing first), the
 distances are also computed in millimetres; they are reported when every volume of the split
 has a spacing.
+
+For cardiac cine data (ACDC's classes, cases named patient_frameNN) the table and summary.json
+add the metrics at end diastole and end systole separately and the LV / RV end-diastolic and
+end-systolic volumes (mL with a spacing, else voxels) and ejection fractions, predicted against
+the ground truth (evaluators/cardiac.py).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 from etils import epath
 
 from arco_jax import evaluation, evaluators, files, inference
+from arco_jax.evaluators import cardiac
 from arco_jax.data import datasets, registry, ssl4mis
 
 SPLITS = ("val", "test")
@@ -118,6 +124,10 @@ def evaluate_workdir(workdir: epath.PathLike, split: str = "test", checkpoint: s
     title = (f"# {config.data.dataset}, {split} split: {config.eval.model} of checkpoint "
              f"{checkpoint} ({model.directory}, step {model.step})\n\n")
     table = title + result.table
+    if per_case is not None and cardiac.applies(config.data.class_names, list(per_case)):
+        summary["cardiac"] = cardiac.report(per_case, record.get("class_voxels", {}), config.data.class_names,
+                                            evaluation.METRIC_NAMES)
+        table += "\n" + cardiac.markdown(summary["cardiac"], evaluation.METRIC_NAMES)
 
     directory = eval_directory(workdir, split, checkpoint)
     directory.mkdir(parents=True, exist_ok=True)

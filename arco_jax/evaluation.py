@@ -238,6 +238,40 @@ def predict_volume(
     return np.stack([_zoom_to(s, (height, width), 0) for s in labels])
 
 
+def predict_volume_probabilities(
+    predict_fn: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    *,
+    slice_batch_size: int = 16,
+    image_order: int = 0,
+) -> np.ndarray:
+    """Class probabilities (D, H, W, classes) of a volume, slice by slice as `predict_volume`:
+    the softmax of each resized slice, resized back by nearest neighbour, so that its argmax is
+    `predict_volume`'s label map."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise ValueError(f"image must be (D, H, W) or (D, H, W, C), got shape {image.shape}")
+    depth, height, width = image.shape[:3]
+    slices = np.stack([_zoom_to(s, tuple(patch_size), image_order) for s in image]).astype(np.float32)
+    out = None
+    for first in range(0, depth, slice_batch_size):
+        batch = slices[first:first + slice_batch_size]
+        count = len(batch)
+        batch = np.pad(batch, ((0, slice_batch_size - count), (0, 0), (0, 0), (0, 0)))
+        logits = np.asarray(predict_fn(batch), np.float32)[:count]
+        logits = logits - logits.max(axis=-1, keepdims=True)
+        probabilities = np.exp(logits)
+        probabilities /= probabilities.sum(axis=-1, keepdims=True)
+        if out is None:
+            out = np.zeros((depth, height, width, probabilities.shape[-1]), np.float32)
+        for k, slice_probabilities in enumerate(probabilities):
+            out[first + k] = _zoom_to(slice_probabilities, (height, width), 0)
+    return out
+
+
 def _nan_mean_std(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and population std ignoring NaN; NaN where nothing is left (no warnings)."""
     valid = ~np.isnan(values)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 from collections.abc import Callable
 
@@ -88,6 +89,18 @@ class TrainedModel:
     def class_names(self) -> tuple[str, ...]:
         return tuple(self.config.data.class_names)
 
+    def predict_probabilities(self, image: np.ndarray, flips: bool = False) -> np.ndarray:
+        """Class probabilities (D, H, W, classes) of a preprocessed volume, predicted as the run's
+        evaluator predicts a test case; `flips`: averaged over every flip of the network input's
+        spatial axes (test-time augmentation: 4 views of a slice, 8 of a 3-D window)."""
+        evaluator = self.evaluator
+        if not hasattr(evaluator, "predict_probabilities"):
+            raise WorkdirError(f"{self.workdir}: the run's evaluator {evaluator.name!r} predicts no volumes")
+        predict = lambda x: np.asarray(self.predict_logits(x))  # noqa: E731
+        if flips:
+            predict = flip_averaged(predict, int(self.config.data.spatial_rank))
+        return evaluator.predict_probabilities(predict, image)
+
     def predict_volume(self, image: np.ndarray) -> np.ndarray:
         """Label map (D, H, W) of a preprocessed volume (D, H, W), predicted as the run's evaluator
         predicts a test case (its `predict_volume`): slice by slice (the SSL4MIS protocol) for 2-D
@@ -98,6 +111,28 @@ class TrainedModel:
             raise WorkdirError(f"{self.workdir}: the run's evaluator {evaluator.name!r} has no predict_volume: "
                                "it predicts no volumes, and predict segments volumes only")
         return evaluator.predict_volume(lambda x: np.asarray(self.predict_logits(x)), image)
+
+
+def flip_averaged(predict: Callable[[np.ndarray], np.ndarray], spatial_rank: int) -> Callable:
+    """Test-time augmentation of a batch predictor (N, *spatial, C) -> logits: the log of the
+    mean softmax over every combination of flips of the spatial axes, each flipped back (so an
+    argmax or a softmax downstream reads the averaged probabilities)."""
+    spatial = range(1, spatial_rank + 1)
+    views = [axes for r in range(spatial_rank + 1) for axes in itertools.combinations(spatial, r)]
+
+    def averaged(images: np.ndarray) -> np.ndarray:
+        total = None
+        for axes in views:
+            view = np.ascontiguousarray(np.flip(images, axes)) if axes else images
+            logits = np.asarray(predict(view), np.float32)
+            logits = logits - logits.max(axis=-1, keepdims=True)
+            probabilities = np.exp(logits)
+            probabilities /= probabilities.sum(axis=-1, keepdims=True)
+            probabilities = np.flip(probabilities, axes) if axes else probabilities
+            total = probabilities if total is None else total + probabilities
+        return np.log(total / len(views) + np.finfo(np.float32).tiny)
+
+    return averaged
 
 
 def _check_workdir(workdir: epath.Path) -> None:

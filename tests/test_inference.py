@@ -23,6 +23,7 @@ import pytest
 
 from arco_jax import evaluate, evaluation, inference, predict, train
 from arco_jax.data import registry, ssl4mis
+from arco_jax.evaluators import cardiac
 
 import tiny
 
@@ -441,3 +442,48 @@ def test_predict_rejects_unusable_intensities_and_empty_inputs(model, tmp_path):
         (twins / name).write_bytes(b"")
     with pytest.raises(predict.InputError, match="would both be written as a_pred"):
         predict.list_scans(twins)
+
+
+def test_evaluate_reports_ed_es_and_ejection_fractions_for_cardiac_cases(run, tmp_path):
+    cases = ssl4mis.list_cases(run.root, "test")
+    assert cardiac.applies(CLASS_NAMES, cases)  # the phantom's patientNNN_frame01 / frame02
+    spacing = (10.0, 1.5, 1.5)
+    root = copy_with_spacing(run, tmp_path, {case: ("attr", spacing) for case in cases})
+    report = evaluate.evaluate_workdir(run.workdir, checkpoint="last", data_dir=root)
+    heart = report.summary["cardiac"]
+    assert heart["volume_unit"] == "mL" and set(heart["phases"]) == {"ED", "ES"}
+    model = inference.load_model(run.workdir, "last")
+    volumes = {}
+    for case, image, label in ssl4mis.iterate_volumes(root, "test", NUM_CLASSES):
+        pred = model.predict_volume(image)
+        volumes[case] = {"pred": [float(np.sum(pred == c)) * np.prod(spacing) / 1000 for c in range(NUM_CLASSES)],
+                         "true": [float(np.sum(label == c)) * np.prod(spacing) / 1000 for c in range(NUM_CLASSES)]}
+    (patient, entry), = heart["patients"].items()
+    ed, es = entry["ED"], entry["ES"]
+    assert ed.endswith("frame01") and es.endswith("frame02")
+    lv = CLASS_NAMES.index("LV") + 1
+    for source in ("pred", "true"):
+        edv, esv = volumes[ed][source][lv], volumes[es][source][lv]
+        assert entry[f"LV_EDV_{source}"] == pytest.approx(edv) and entry[f"LV_ESV_{source}"] == pytest.approx(esv)
+        assert entry[f"LV_EF_{source}"] == (pytest.approx(100 * (edv - esv) / edv) if edv > 0 else None)
+    assert entry["LV_EF_true"] > 0  # the phantom's ES is the smaller heart
+    # Each phase's means are those of its own case.
+    per_case = run.results["test"]["last"]["per_case"]
+    assert heart["phases"]["ED"]["per_class"]["LV"]["dice"] == pytest.approx(per_case[ed][lv - 1][0])
+    assert "## End diastole and end systole" in report.table and "| LV_EDV |" in report.table
+
+
+def test_cardiac_report_pairs_frames_and_falls_back_to_voxels():
+    per_case = {f"p{n}_frame{f:02d}": [[0.9, 0.8, 1.0, 0.5]] * 3 for n in (1, 2) for f in (1, 12)}
+    voxels = {"p1_frame01": {"pred": [0, 50, 10, 100], "true": [0, 60, 10, 110], "voxel_mm3": None},
+              "p1_frame12": {"pred": [0, 20, 10, 40], "true": [0, 30, 10, 44], "voxel_mm3": None},
+              "p2_frame01": {"pred": [0, 40, 10, 80], "true": [0, 40, 10, 80], "voxel_mm3": None},
+              "p2_frame12": {"pred": [0, 30, 10, 40], "true": [0, 20, 10, 20], "voxel_mm3": None}}
+    heart = cardiac.report(per_case, voxels, CLASS_NAMES, ("dice", "jaccard", "hd95", "asd"))
+    assert heart["volume_unit"] == "voxels" and heart["phases"]["ES"]["cases"] == 2
+    assert heart["patients"]["p1"]["LV_EF_pred"] == pytest.approx(60.0)
+    assert heart["patients"]["p1"]["RV_EF_true"] == pytest.approx(50.0)
+    lv_ef = heart["clinical"]["LV_EF"]
+    assert lv_ef["mean_true"] == pytest.approx((60.0 + 75.0) / 2) and lv_ef["mean_pred"] == pytest.approx(55.0)
+    assert lv_ef["mean_abs_error"] == pytest.approx((0.0 + 25.0) / 2) and lv_ef["patients"] == 2
+    assert not cardiac.applies(CLASS_NAMES, ["case01"]) and not cardiac.applies(("liver",), list(per_case))

@@ -246,6 +246,11 @@ class SlidingWindow(VolumeSlices):
         return predict_labels(predict, image, self.window, self.stride, self.window_batch_size,
                               self.keep_largest_component)
 
+    def predict_probabilities(self, predict: Predict, image: np.ndarray) -> np.ndarray:
+        """Class probabilities (D, H, W, classes) of one volume by sliding windows (predict_volume's
+        labels are their argmax, then the largest-component setting)."""
+        return sliding_window_probabilities(predict, image, self.window, self.stride, self.window_batch_size)
+
     def predict_case(self, predict: Predict, case) -> np.ndarray:
         """The label map of one case by sliding windows; a case smaller than the window is noted."""
         spatial = tuple(np.shape(case.label))

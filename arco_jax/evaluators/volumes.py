@@ -22,6 +22,17 @@ DISTANCE_UNITS = "voxels"
 log = logging.getLogger("arco_jax")
 
 
+def class_voxels(pred: np.ndarray, label: np.ndarray, num_classes: int, spacing=None) -> dict:
+    """Voxels of each class in the prediction and the ground truth (ignored voxels left out of
+    both), with the voxel volume in mm^3 when the spacing is known: what clinical volumes (e.g.
+    the cardiac ejection fraction, evaluators/cardiac.py) are computed from."""
+    pred, label = np.asarray(pred).ravel(), np.asarray(label).ravel()
+    valid = (label >= 0) & (label < num_classes)
+    count = lambda x: np.bincount(x[valid].astype(np.int64), minlength=num_classes)[:num_classes].tolist()  # noqa: E731
+    voxel_mm3 = float(np.prod(spacing)) if spacing is not None else None
+    return {"pred": count(pred), "true": count(label), "voxel_mm3": voxel_mm3}
+
+
 class VolumeSlices:
     """Volumes predicted slice by slice (the ARCO/SSL4MIS test_2D.py protocol)."""
 
@@ -51,6 +62,12 @@ class VolumeSlices:
         is predicted here, and how `predict` segments a new scan for a run this evaluator tests."""
         return evaluation.predict_volume(predict, image, self.patch_size, slice_batch_size=self.slice_batch_size)
 
+    def predict_probabilities(self, predict: Predict, image: np.ndarray) -> np.ndarray:
+        """Class probabilities (D, H, W, classes) of one volume, slice by slice as predict_volume
+        (whose labels are their argmax); for `predict --probabilities` and test-time flips."""
+        return evaluation.predict_volume_probabilities(predict, image, self.patch_size,
+                                                       slice_batch_size=self.slice_batch_size)
+
     def predict_case(self, predict: Predict, case) -> np.ndarray:
         """The label map of one case."""
         return self.predict_volume(predict, case.image)
@@ -59,9 +76,10 @@ class VolumeSlices:
         """(classes, 4) metric rows of every case of the split, gathered from all processes:
         (in voxels, in mm for the cases that have a spacing when distances_in_mm is on)."""
         cases = data.cases(split)
-        mine, mine_mm = {}, {}
+        mine, mine_mm, mine_voxels = {}, {}, {}
         for case in iterate_cases(data, split, my_indices(len(cases))):
             pred = self.predict_case(predict, case)
+            mine_voxels[case.case] = class_voxels(pred, case.label, self.num_classes, case.spacing)
             mine[case.case] = evaluation.evaluate_volume(pred, case.label, self.num_classes,
                                                          empty_policy=self.empty_policy,
                                                          ignore_label=self.ignore_label)
@@ -70,11 +88,15 @@ class VolumeSlices:
                                                                 empty_policy=self.empty_policy,
                                                                 ignore_label=self.ignore_label)
         gathered, gathered_mm = {}, {}
-        payload = json.dumps([{k: np.asarray(v).tolist() for k, v in rows.items()} for rows in (mine, mine_mm)])
+        payload = json.dumps([*({k: np.asarray(v).tolist() for k, v in rows.items()} for rows in (mine, mine_mm)),
+                              mine_voxels])
+        self.case_voxels = {}
         for text in parallel.gather_text(payload):  # JSON keeps float64 exactly (and NaN/inf)
-            voxel, mm = json.loads(text)
+            voxel, mm, voxels = json.loads(text)
             gathered.update(voxel)
             gathered_mm.update(mm)
+            self.case_voxels.update(voxels)
+        self.case_voxels = {c: self.case_voxels[c] for c in cases if c in self.case_voxels}
         rows = lambda found: {c: np.asarray(found[c], np.float64) for c in cases if c in found}  # noqa: E731
         return rows(gathered), rows(gathered_mm)
 
@@ -89,7 +111,8 @@ class VolumeSlices:
         mm = evaluation.summarize(per_case_mm, class_names) if with_mm else None
         metrics = {m: float(voxel["class_mean"][i]) for i, m in enumerate(evaluation.METRIC_NAMES)}
         record = {**evaluation.summary_record(voxel, mm),
-                  "per_case": {case: np.asarray(rows).tolist() for case, rows in per_case.items()}}
+                  "per_case": {case: np.asarray(rows).tolist() for case, rows in per_case.items()},
+                  "class_voxels": self.case_voxels}
         if self.distances_in_mm:
             record["cases_with_spacing"] = len(per_case_mm)
         if with_mm:
