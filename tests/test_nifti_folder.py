@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -403,3 +404,17 @@ def test_3d_volumes_with_channels_make_patch_batches(folder, cache):
     assert batch_u["image"].shape == (2, 4, 16, 16, 2) and "label" not in batch_u
     assert set(np.unique(batch_l["label"])) <= {0, 1, 2}
     streams.close()
+
+
+def test_predict_needs_no_data_folder(trained_2d, folder, tmp_path):
+    """The run's config.json and data.json hold what predict needs: the folder may be elsewhere."""
+    _, workdir, _ = trained_2d
+    moved = tmp_path / "run"
+    shutil.copytree(workdir, moved)
+    record = json.loads((moved / "config.json").read_text())
+    record["data"]["data_dir"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(record))
+    scans = scan_folder(folder, ["case03"], tmp_path / "scans")
+    here = predict.predict(moved, scans, tmp_path / "a", checkpoint="last")
+    there = predict.predict(workdir, scans, tmp_path / "b", checkpoint="last")
+    np.testing.assert_array_equal(np.asarray(nib.load(here[0]).dataobj), np.asarray(nib.load(there[0]).dataobj))
