@@ -61,15 +61,15 @@ def write_folder(root: Path, cases=6, channels=("CT", "T2"), labels=LABELS, spac
     return root
 
 
-def load_config(mode: str = "2d", **overrides):
+def load_config(mode: str = "2d", method: str | None = None):
     spec = importlib.util.spec_from_file_location("configs_nifti_folder", tiny.REPO / "configs" / "nifti_folder.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(f"mode={mode}")
+    return module.get_config(f"mode={mode}" + (f",method={method}" if method else ""))
 
 
-def folder_config(root: Path, cache: Path, mode: str = "2d", **fields):
-    c = load_config(mode)
+def folder_config(root: Path, cache: Path, mode: str = "2d", method: str | None = None, **fields):
+    c = load_config(mode, method)
     d = c.data
     d.data_dir, d.cache_dir = str(root), str(cache)
     d.labeled_cases, d.val_fraction, d.test_fraction = 2, 0.2, 0.2
@@ -276,7 +276,9 @@ def test_bad_fields_are_named(folder, cache, field, value, pattern):
 
 
 def tiny_run_config(root, cache, mode):
-    c = folder_config(root, cache, mode=mode)
+    """The labeled-only method: the folder's plumbing is under test here, ARCO's step with several
+    channels in tests/test_plugin_dataset.py."""
+    c = folder_config(root, cache, mode=mode, method="supervised")
     tiny.tiny_arco(c)
     t = c.train
     t.steps, t.log_every, t.eval_every, t.checkpoint_every = 2, 2, 2, 2
