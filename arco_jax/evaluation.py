@@ -190,6 +190,44 @@ def _zoom_to(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     return resized
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, float32, numerically safe."""
+    logits = np.asarray(logits, np.float32)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _slice_logits(predict_fn, image, patch_size, slice_batch_size, image_order):
+    """(image's (D, H, W) shape, [logits (n, h, w, classes) of consecutive slices]) for
+    predict_volume and predict_volume_probabilities: the volume's slices resized to the patch,
+    predicted in batches of slice_batch_size (the last zero-padded, so a jitted predict_fn
+    compiles once)."""
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., None]
+    if image.ndim != 4:
+        raise ValueError(f"image must be (D, H, W) or (D, H, W, C), got shape {image.shape}")
+    patch_size = tuple(int(s) for s in patch_size)
+    if len(patch_size) != 2 or min(patch_size) < 1:
+        raise ValueError(f"patch_size={patch_size} must be two positive ints (h, w)")
+    if slice_batch_size < 1:
+        raise ValueError(f"slice_batch_size={slice_batch_size} must be positive")
+    depth = image.shape[0]
+    slices = np.stack([_zoom_to(s, patch_size, image_order) for s in image]).astype(np.float32)
+    num_batches = -(-depth // slice_batch_size)
+    slices = np.pad(slices, ((0, num_batches * slice_batch_size - depth), (0, 0), (0, 0), (0, 0)))
+    out = []
+    for first, batch in zip(range(0, depth, slice_batch_size), np.split(slices, num_batches)):
+        logits = np.asarray(predict_fn(batch))
+        if logits.ndim != 4 or logits.shape[:3] != batch.shape[:3]:
+            raise ValueError(
+                f"predict_fn returned shape {logits.shape} for input {batch.shape}; "
+                f"expected (N, h, w, C) = {batch.shape[:3] + ('C',)}"
+            )
+        out.append(logits[: min(slice_batch_size, depth - first)])
+    return image.shape[:3], out
+
+
 def predict_volume(
     predict_fn: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
@@ -208,33 +246,8 @@ def predict_volume(
     compiles once), argmaxed over classes and resized back with order 0 (nearest, so labels
     stay labels). ``predict_fn`` maps float32 (N, h, w, C) to logits (N, h, w, classes).
     """
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[..., None]
-    if image.ndim != 4:
-        raise ValueError(f"image must be (D, H, W) or (D, H, W, C), got shape {image.shape}")
-    patch_size = tuple(int(s) for s in patch_size)
-    if len(patch_size) != 2 or min(patch_size) < 1:
-        raise ValueError(f"patch_size={patch_size} must be two positive ints (h, w)")
-    if slice_batch_size < 1:
-        raise ValueError(f"slice_batch_size={slice_batch_size} must be positive")
-
-    depth, height, width = image.shape[:3]
-    slices = np.stack([_zoom_to(s, patch_size, image_order) for s in image]).astype(np.float32)
-    num_batches = -(-depth // slice_batch_size)
-    padding = num_batches * slice_batch_size - depth
-    slices = np.pad(slices, ((0, padding), (0, 0), (0, 0), (0, 0)))
-
-    labels = []
-    for batch in np.split(slices, num_batches):
-        logits = np.asarray(predict_fn(batch))
-        if logits.ndim != 4 or logits.shape[:3] != batch.shape[:3]:
-            raise ValueError(
-                f"predict_fn returned shape {logits.shape} for input {batch.shape}; "
-                f"expected (N, h, w, C) = {batch.shape[:3] + ('C',)}"
-            )
-        labels.append(np.argmax(logits, axis=-1).astype(np.int32))
-    labels = np.concatenate(labels)[:depth]
+    (_, height, width), logits = _slice_logits(predict_fn, image, patch_size, slice_batch_size, image_order)
+    labels = np.concatenate([np.argmax(batch, axis=-1).astype(np.int32) for batch in logits])
     return np.stack([_zoom_to(s, (height, width), 0) for s in labels])
 
 
@@ -249,27 +262,8 @@ def predict_volume_probabilities(
     """Class probabilities (D, H, W, classes) of a volume, slice by slice as `predict_volume`:
     the softmax of each resized slice, resized back by nearest neighbour, so that its argmax is
     `predict_volume`'s label map."""
-    image = np.asarray(image)
-    if image.ndim == 3:
-        image = image[..., None]
-    if image.ndim != 4:
-        raise ValueError(f"image must be (D, H, W) or (D, H, W, C), got shape {image.shape}")
-    depth, height, width = image.shape[:3]
-    slices = np.stack([_zoom_to(s, tuple(patch_size), image_order) for s in image]).astype(np.float32)
-    out = None
-    for first in range(0, depth, slice_batch_size):
-        batch = slices[first:first + slice_batch_size]
-        count = len(batch)
-        batch = np.pad(batch, ((0, slice_batch_size - count), (0, 0), (0, 0), (0, 0)))
-        logits = np.asarray(predict_fn(batch), np.float32)[:count]
-        logits = logits - logits.max(axis=-1, keepdims=True)
-        probabilities = np.exp(logits)
-        probabilities /= probabilities.sum(axis=-1, keepdims=True)
-        if out is None:
-            out = np.zeros((depth, height, width, probabilities.shape[-1]), np.float32)
-        for k, slice_probabilities in enumerate(probabilities):
-            out[first + k] = _zoom_to(slice_probabilities, (height, width), 0)
-    return out
+    (_, height, width), logits = _slice_logits(predict_fn, image, patch_size, slice_batch_size, image_order)
+    return np.stack([_zoom_to(p, (height, width), 0) for batch in logits for p in softmax(batch)])
 
 
 def _nan_mean_std(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from arco_jax import evaluators, files
+from arco_jax import evaluation, evaluators, files
 from arco_jax.config import from_record
 from arco_jax.checkpointing import saved_leaf_specs
 from arco_jax.data import registry
@@ -124,10 +124,7 @@ def flip_averaged(predict: Callable[[np.ndarray], np.ndarray], spatial_rank: int
         total = None
         for axes in views:
             view = np.ascontiguousarray(np.flip(images, axes)) if axes else images
-            logits = np.asarray(predict(view), np.float32)
-            logits = logits - logits.max(axis=-1, keepdims=True)
-            probabilities = np.exp(logits)
-            probabilities /= probabilities.sum(axis=-1, keepdims=True)
+            probabilities = evaluation.softmax(predict(view))
             probabilities = np.flip(probabilities, axes) if axes else probabilities
             total = probabilities if total is None else total + probabilities
         return np.log(total / len(views) + np.finfo(np.float32).tiny)

@@ -201,7 +201,7 @@ def test_normalize_and_axis_helpers(tmp_path):
 
 
 @pytest.mark.parametrize("fields, problem", [
-    (dict(intensity="percentile"), "intensity must be one of ('minmax', 'zscore'), got 'percentile'"),
+    (dict(intensity="percentile"), f"intensity must be one of {registry.INTENSITIES}, got 'percentile'"),
     (dict(h5_axes="hwz"), "h5_axes must order the letters of 'dhw' (e.g. 'dhw', 'hwd'), got 'hwz'"),
     (dict(h5_axes="dh"), "got 'dh'"),
 ])

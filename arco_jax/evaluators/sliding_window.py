@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from arco_jax import parallel
+from arco_jax import evaluation, parallel
 from arco_jax.data.registry import OpenDataset
 from arco_jax.errors import ConfigError
 from arco_jax.evaluators import EvalResult, Predict
@@ -85,12 +85,6 @@ def window_positions(shape: Sequence[int], window: Sequence[int],
     return list(itertools.product(*(window_starts(s, w, t) for s, w, t in zip(shape, window, stride))))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    logits = np.asarray(logits, np.float32)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 def sliding_window_probabilities(predict: Predict, volume: np.ndarray, window: Sequence[int],
                                  stride: Sequence[int], batch_size: int = 4) -> np.ndarray:
     """Class probabilities (*spatial, K) float32 of a volume (*spatial) or (*spatial, C), averaged
@@ -136,7 +130,7 @@ def sliding_window_probabilities(predict: Predict, volume: np.ndarray, window: S
         if logits.ndim != rank + 2 or logits.shape[:-1] != batch.shape[:-1]:
             raise ValueError(f"predict returned shape {logits.shape} for windows {batch.shape}; expected "
                              f"{batch.shape[:-1] + ('K',)}")
-        probabilities = _softmax(logits)
+        probabilities = evaluation.softmax(logits)
         if scores is None:
             scores = np.zeros((*padded, logits.shape[-1]), np.float32)
         for k, region in enumerate(regions):
