@@ -187,10 +187,22 @@ def test_bad_slice_content_names_file_and_problem(copy, datasets, message):
     name = ssl4mis.list_train_slices(copy)[0]
     path = copy / "data" / "slices" / f"{name}.h5"
     _write(path, **datasets)
-    source = ssl4mis.SliceSource(copy, [name])
     with pytest.raises(DataError, match=message) as err:
-        source[0]
+        ssl4mis.SliceSource(copy, [name])[0]
     assert str(path) in str(err.value)
+
+
+def test_labels_and_shapes_are_checked_when_the_source_is_built(copy):
+    """Only intensities wait for the read: a bad label anywhere in the list stops construction."""
+    names = ssl4mis.list_train_slices(copy)
+    path = copy / "data" / "slices" / f"{names[-1]}.h5"
+    _write(path, image=IMAGE, label=LABEL + 5)
+    with pytest.raises(DataError, match=rf"{path}: 'label' value 5"):
+        ssl4mis.SliceSource(copy, names)
+    _write(path, image=np.full((8, 8), np.inf, np.float32), label=LABEL)
+    source = ssl4mis.SliceSource(copy, names)
+    with pytest.raises(DataError, match=rf"{path}: 'image' has non-finite"):
+        source[len(names) - 1]
 
 
 def test_not_an_h5_file_and_bad_volume(copy):

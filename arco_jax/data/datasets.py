@@ -91,11 +91,14 @@ def iterate_volumes(data: SegmentationData, split: str, num_classes: int,
 
 
 class Ssl4misData:
-    """The SSL4MIS processed layout under `root`."""
+    """The SSL4MIS processed layout under `root`. With `num_classes`, listing a split's cases
+    also checks its volumes (`ssl4mis.check_volumes`: every file there, shapes and labels), so
+    a missing or bad test volume stops a run when it starts; without, only the list is read."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, num_classes: int | None = None):
         self.root = Path(root)
         self.description = str(self.root)
+        self._num_classes = num_classes
         self._cases = {}  # split -> list, read once (volume() looks a case up by index)
 
     def __str__(self) -> str:
@@ -111,7 +114,8 @@ class Ssl4misData:
 
     def cases(self, split: str) -> list[str]:
         if split not in self._cases:
-            self._cases[split] = ssl4mis.list_cases(self.root, split)
+            self._cases[split] = (ssl4mis.list_cases(self.root, split) if self._num_classes is None
+                                  else ssl4mis.check_volumes(self.root, split, self._num_classes))
         return self._cases[split]
 
     def volume(self, split: str, index: int, num_classes: int) -> Volume:

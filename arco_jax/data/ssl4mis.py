@@ -13,8 +13,11 @@ from data/slices/ when that folder holds any .h5 file, else from data/ (`slice_d
 "N labeled patients" means the first K lines of train_slices.list (K from
 `labeled_slice_count`); the rest of the list is the unlabeled pool.
 
-Every problem with the files raises DataError naming the file (and key or value); sources
-open one h5 per item so they can be pickled into data-loading worker processes.
+Every problem with the files raises DataError naming the file (and key or value). A source
+checks every file's keys, shapes and label values when it is built (`check_h5_pair`: the label
+is a small part of each file, about 1 s for all of ACDC), so a bad file stops a run before it
+compiles rather than when first sampled; intensities are checked when read. Sources open one h5
+per item so they can be pickled into data-loading worker processes.
 """
 
 from __future__ import annotations
@@ -181,35 +184,51 @@ def _check_files_exist(paths: Sequence[Path], what: str) -> None:
         raise DataError(f"{len(missing)} of {len(paths)} {what} files are missing: {shown}{more}")
 
 
-def read_h5_pair(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image float32, label uint8) from one h5, validated; errors name the file."""
+def _read_h5(path: Path, read_image: bool) -> tuple[np.ndarray | None, tuple, np.dtype, np.ndarray]:
+    """(image, or None when not read_image; image shape; image dtype; label) of one h5."""
     try:
         with h5py.File(path, "r") as f:
-            arrays = {}
             for key in ("image", "label"):
                 if key not in f:
                     raise DataError(
                         f"{path}: dataset '{key}' is missing (found {sorted(f.keys())})")
-                arrays[key] = f[key][()]
+            image = f["image"][()] if read_image else None
+            return image, tuple(f["image"].shape), f["image"].dtype, f["label"][()]
     except OSError as err:
         raise DataError(f"{path}: cannot be read as HDF5 ({err})") from err
-    image, label = arrays["image"], arrays["label"]
-    if image.ndim != ndim:
-        raise DataError(f"{path}: 'image' must have {ndim} dims, has shape {image.shape}")
-    if image.shape != label.shape:
-        raise DataError(f"{path}: 'image' shape {image.shape} != 'label' shape {label.shape}")
-    if not np.issubdtype(image.dtype, np.number):
-        raise DataError(f"{path}: 'image' has non-numeric dtype {image.dtype}")
-    image = image.astype(np.float32)
-    if not np.isfinite(image).all():
-        bad = image[~np.isfinite(image)][0]
-        raise DataError(f"{path}: 'image' has non-finite values (e.g. {bad})")
+
+
+def _check_pair(path: Path, image_shape: tuple, image_dtype, label: np.ndarray, num_classes: int,
+                ndim: int) -> None:
+    if len(image_shape) != ndim:
+        raise DataError(f"{path}: 'image' must have {ndim} dims, has shape {image_shape}")
+    if image_shape != label.shape:
+        raise DataError(f"{path}: 'image' shape {image_shape} != 'label' shape {label.shape}")
+    if not np.issubdtype(image_dtype, np.number):
+        raise DataError(f"{path}: 'image' has non-numeric dtype {image_dtype}")
     if not np.issubdtype(label.dtype, np.number):
         raise DataError(f"{path}: 'label' has non-numeric dtype {label.dtype}")
     outside = (label < 0) | (label >= num_classes) | (label != np.round(label))
     if outside.any():
         raise DataError(f"{path}: 'label' value {label[outside][0]} is not a class "
                         f"in [0, {num_classes})")
+
+
+def check_h5_pair(path: Path, num_classes: int, ndim: int) -> None:
+    """The checks of `read_h5_pair` that need no image values (keys, dims, shapes, dtypes, label
+    values): cheap enough to run over every file before training."""
+    _, image_shape, image_dtype, label = _read_h5(path, read_image=False)
+    _check_pair(path, image_shape, image_dtype, label, num_classes, ndim)
+
+
+def read_h5_pair(path: Path, num_classes: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label uint8) from one h5, validated; errors name the file."""
+    image, image_shape, image_dtype, label = _read_h5(path, read_image=True)
+    _check_pair(path, image_shape, image_dtype, label, num_classes, ndim)
+    image = image.astype(np.float32)
+    if not np.isfinite(image).all():
+        bad = image[~np.isfinite(image)][0]
+        raise DataError(f"{path}: 'image' has non-finite values (e.g. {bad})")
     return image, label.astype(np.uint8)
 
 
@@ -217,8 +236,8 @@ class SliceSource:
     """Random-access source of training slices (grain RandomAccessDataSource protocol).
 
     Item: dict(image (H, W) float32, label (H, W) uint8, name str). Files are read from
-    `slice_dir(root)` (data/slices/ or data/); all must exist at construction; their content is
-    checked when read.
+    `slice_dir(root)` (data/slices/ or data/); at construction all must exist and pass
+    `check_h5_pair`; intensities are checked when read.
     """
 
     def __init__(self, root: str | os.PathLike, names: Sequence[str], num_classes: int = 4):
@@ -229,6 +248,8 @@ class SliceSource:
         self._num_classes = num_classes
         _check_files_exist([self.path(n) for n in self._names],
                            f"slice ({_slice_dir_description(self._dir)})")
+        for name in self._names:
+            check_h5_pair(self.path(name), num_classes, ndim=2)
 
     def path(self, name: str) -> Path:
         """The h5 file of a slice (for readers of more than image and label, e.g. attributes)."""
@@ -258,15 +279,24 @@ def load_volume(root: str | os.PathLike, case: str,
     return read_h5_pair(path, num_classes, ndim=3)
 
 
-def iterate_volumes(root: str | os.PathLike, split: str,
-                    num_classes: int = 4) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Yields (case, image, label) for every volume of a split, in list order.
-
-    All files are checked for existence before the first volume is read.
-    """
+def check_volumes(root: str | os.PathLike, split: str, num_classes: int = 4) -> list[str]:
+    """The cases of a split, after checking that every volume exists and passes `check_h5_pair`
+    (so a bad test volume stops a run when it opens, not after training)."""
     cases = list_cases(root, split)
     data = _data_dir(root)
     _check_files_exist([data / f"{c}.h5" for c in cases], f"{split} volume (in {data})")
     for case in cases:
+        check_h5_pair(data / f"{case}.h5", num_classes, ndim=3)
+    return cases
+
+
+def iterate_volumes(root: str | os.PathLike, split: str,
+                    num_classes: int = 4) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yields (case, image, label) for every volume of a split, in list order.
+
+    All files are checked (`check_volumes`) before the first volume is read.
+    """
+    data = _data_dir(root)
+    for case in check_volumes(root, split, num_classes):
         image, label = read_h5_pair(data / f"{case}.h5", num_classes, ndim=3)
         yield case, image, label

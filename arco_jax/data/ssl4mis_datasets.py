@@ -96,7 +96,7 @@ def validate_phantom(config: ml_collections.ConfigDict) -> None:
 
 def open_acdc(config: ml_collections.ConfigDict) -> SliceVolumeDataset:
     d = config.data
-    data = datasets.TfdsData(d.data_dir) if d.source == "tfds" else datasets.Ssl4misData(d.data_dir)
+    data = datasets.TfdsData(d.data_dir) if d.source == "tfds" else datasets.Ssl4misData(d.data_dir, d.num_classes)
     return SliceVolumeDataset(config, data)
 
 
@@ -106,7 +106,7 @@ def open_phantom(config: ml_collections.ConfigDict) -> SliceVolumeDataset:
     d, p = config.data, config.data.phantom
     root = d.data_dir or phantom.ensure_phantom(d.cache_dir or None, splits=tuple(p.splits), image_size=p.image_size,
                                                 slices=tuple(p.slices), seed=p.seed)
-    return SliceVolumeDataset(config, datasets.Ssl4misData(root))
+    return SliceVolumeDataset(config, datasets.Ssl4misData(root, d.num_classes))
 
 
 def _acdc_fields() -> dict:
