@@ -3,9 +3,16 @@ Pascal VOC / Cityscapes / SUN RGB-D tables): one confusion matrix accumulated ov
 labeled pixel of the split (the ignore label left out), summed over processes; IoU per class
 (background included) and its mean over classes that occur in the prediction or the ground truth.
 
-Each image is predicted whole: padded at the bottom and right to a multiple of
-`eval.pad_multiple` (the network's total stride; zero padding), predicted, cropped back.
-Images of one padded size share one compiled program.
+Each image is predicted whole (eval.window = (), the default, as ReCo): padded at the bottom and
+right to a multiple of `eval.pad_multiple` (the network's total stride; zero padding), predicted,
+cropped back. Images of one padded size share one compiled program.
+
+Or by sliding windows (eval.window = (H, W), e.g. (512, 512) for Cityscapes' 1024 x 512 images with
+a net trained on 512 px crops): windows every eval.stride pixels (() = two thirds of the window,
+rounded down, as mmsegmentation's Cityscapes 'slide' test: 341 for 512), the last one flush with
+the image's edge, eval.window_batch_size at a time (one compiled shape); softmax averaged where
+windows overlap, then argmaxed; an image smaller than the window zero-padded half before, half
+after (sliding_window.sliding_window_probabilities, the 3-D protocol's helper, rank-agnostic).
 """
 from __future__ import annotations
 
@@ -18,6 +25,31 @@ from arco_jax import parallel
 from arco_jax.data.registry import OpenDataset, iterate_cases
 from arco_jax.errors import ConfigError
 from arco_jax.evaluators import EvalResult, Predict, my_indices
+from arco_jax.evaluators.sliding_window import sliding_window_probabilities
+
+
+def default_stride(window) -> tuple[int, ...]:
+    """Two thirds of each window side, rounded down (at least 1): mmsegmentation's 'slide' test
+    setting for Cityscapes (crop 512, stride 341)."""
+    return tuple(max(1, 2 * int(w) // 3) for w in window)
+
+
+def window_settings(config: ml_collections.ConfigDict) -> tuple[tuple, tuple]:
+    """(window, stride) of sliding-window mIoU; ((), ()) when images are predicted whole."""
+    window = tuple(config.eval.window)
+    if not window:
+        return (), ()
+    return window, tuple(config.eval.stride) or default_stride(window)
+
+
+def _positive_ints(value, count: int) -> bool:
+    return (len(value) == count
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value))
+
+
+def sum_over_processes(confusion: np.ndarray) -> np.ndarray:
+    """The sum of every process's confusion matrix, on every process (a collective: all call it)."""
+    return sum(np.asarray(json.loads(text), np.int64) for text in parallel.gather_text(json.dumps(confusion.tolist())))
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,
@@ -54,18 +86,51 @@ class MeanIoU:
         self.ignore_label = d.ignore_label
         self.pad_multiple = int(config.eval.pad_multiple)
         self.spatial_rank = d.spatial_rank
+        self.window, self.stride = window_settings(config)
+        self.window_batch_size = int(config.eval.window_batch_size)
         self.results_fields = {"ignore_label": self.ignore_label}
+        if self.window:
+            self.results_fields.update(window=list(self.window), stride=list(self.stride))
 
     @staticmethod
     def validate(config: ml_collections.ConfigDict) -> None:
-        if not (isinstance(config.eval.pad_multiple, int) and config.eval.pad_multiple >= 1):
-            raise ConfigError(f"config.eval.pad_multiple: must be an integer >= 1, got {config.eval.pad_multiple!r}")
+        e = config.eval
+        if not (isinstance(e.pad_multiple, int) and e.pad_multiple >= 1):
+            raise ConfigError(f"config.eval.pad_multiple: must be an integer >= 1, got {e.pad_multiple!r}")
+        window, stride = window_settings(config)
+        if not window:
+            return
+        rank = config.data.spatial_rank
+        if not _positive_ints(window, rank):
+            raise ConfigError(f"config.eval.window: must be {rank} positive integers (H, W) for sliding-window mIoU, "
+                              f"or () to predict whole images; got {tuple(e.window)!r}")
+        if not _positive_ints(stride, rank):
+            raise ConfigError(f"config.eval.stride: must be {rank} positive integers (H, W), or () for two thirds of "
+                              f"the window; got {tuple(e.stride)!r}")
+        if any(s > w for s, w in zip(stride, window)):
+            raise ConfigError(f"config.eval.stride: {tuple(stride)} exceeds the window {tuple(window)} in some axis; "
+                              "pixels between windows would never be predicted")
+        from arco_jax import models  # pylint: disable=import-outside-toplevel  (flax: only when validating)
+
+        if not models.check(config.model):
+            multiple = models.input_multiple(config)
+            if any(w % multiple for w in window):
+                raise ConfigError(f"config.eval.window: {tuple(window)} must be multiples of {multiple}, what the "
+                                  f"{config.model.name!r} model takes")
+        size = e.window_batch_size
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+            raise ConfigError(f"config.eval.window_batch_size: must be a positive integer, got {size!r}")
 
     def predict_image(self, predict: Predict, image: np.ndarray) -> np.ndarray:
-        """Label map of one image (*spatial[, C]) predicted whole."""
+        """Label map of one image (*spatial[, C]): whole, or by sliding windows when eval.window is
+        set. How a val image is predicted here, and how `predict` segments a new photograph."""
         image = np.asarray(image, np.float32)
         if image.ndim == self.spatial_rank:  # Single-channel images may come without a channel axis.
             image = image[..., None]
+        if self.window:
+            probabilities = sliding_window_probabilities(predict, image, self.window, self.stride,
+                                                         self.window_batch_size)
+            return np.argmax(probabilities, axis=-1)
         spatial = image.shape[:-1]
         padded_shape = tuple(-(-s // self.pad_multiple) * self.pad_multiple for s in spatial)
         padding = [(0, p - s) for s, p in zip(spatial, padded_shape)] + [(0, 0)]
@@ -78,8 +143,7 @@ class MeanIoU:
         for case in iterate_cases(data, split, my_indices(len(cases))):
             confusion += confusion_matrix(self.predict_image(predict, case.image), case.label, self.num_classes,
                                           self.ignore_label)
-        confusion = sum(np.asarray(json.loads(text), np.int64)
-                        for text in parallel.gather_text(json.dumps(confusion.tolist())))
+        confusion = sum_over_processes(confusion)
         iou = iou_from_confusion(confusion)
         present = ~np.isnan(iou)
         miou = float(np.mean(iou[present])) if present.any() else float("nan")
@@ -95,4 +159,7 @@ class MeanIoU:
                   f"{len(cases)} images, {int(total)} labeled pixels"
                   + (f" (label {self.ignore_label} ignored)" if self.ignore_label is not None else "")
                   + f"; pixel accuracy {100 * accuracy:.2f} %. Mean over classes present in prediction or truth."]
+        if self.window:
+            lines.append(f"Sliding window {self.window} (H, W) at stride {self.stride}, softmax averaged over "
+                         "overlaps.")
         return EvalResult(metrics=metrics, record=record, table="\n".join(lines) + "\n")
