@@ -1,4 +1,5 @@
-"""Segment NIfTI or h5 volumes with a trained run, 2-D (ACDC) or 3-D (the Left Atrium).
+"""Segment NIfTI or h5 volumes with a trained run, 2-D (ACDC) or 3-D (the Left Atrium), or RGB
+images with a natural-image run (Pascal VOC, Cityscapes, SUN RGB-D: arco_jax/predict_images.py).
 
   python -m arco_jax.predict --workdir=runs/acdc_sg_7 --input=scan.nii.gz --output=preds
       [--checkpoint=best] [--png]
@@ -29,6 +30,10 @@ eval.stride, eval.window_batch_size and eval.largest_component. --png adds an ov
 
 Every check that needs no voxel data (readable file, 3-D) runs on all inputs before the model
 is restored, so a bad file in a folder fails in a second, naming the file.
+
+A run whose dataset is of RGB images (DatasetInfo.intensity 'imagenet') takes .png / .jpg / .jpeg
+files instead and writes a label PNG and a colour overlay per image (predict_images.py; --png is
+not needed there, --label_ids writes Cityscapes' labelIds).
 """
 from __future__ import annotations
 
@@ -181,6 +186,9 @@ def normalize(volume: np.ndarray, path: Path, intensity: str = "minmax") -> np.n
     mean and std of the whole volume, as UA-MT's LA preprocessing did."""
     if intensity not in registry.INTENSITIES:
         raise ValueError(f"intensity must be one of {registry.INTENSITIES}, got {intensity!r}")
+    if intensity in ("imagenet", "dataset"):
+        raise ValueError(f"intensity {intensity!r} is not a per-volume normalisation (RGB runs: predict_images.py; "
+                         "'dataset': DatasetSpec.prepare_scan)")
     low, high = float(volume.min()), float(volume.max())
     if high <= low:
         raise InputError(f"{path}: every voxel has intensity {low}; nothing to segment")
@@ -375,13 +383,31 @@ def predict_prepared(model: inference.TrainedModel, plan: dict, channel_files: l
 
 
 def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
-            checkpoint: str | int = "best", png: bool = False) -> list[Path]:
+            checkpoint: str | int = "best", png: bool = False, label_ids: bool = False) -> list[Path]:
     """Segment a scan or a folder of scans with a trained run into an output folder, or one
-    scan into an output file; returns the files written."""
-    paths = list_scans(input_path)
-    for path in paths:
-        check_scan(path)
-    config = inference.read_config(workdir)
+    scan into an output file; returns the files written. A natural-image run goes to
+    predict_images, which checks its inputs first as well."""
+    from arco_jax import predict_images  # pylint: disable=import-outside-toplevel  (it imports this module)
+
+    try:
+        config, unreadable = inference.read_config(workdir), None
+    except inference.WorkdirError as err:
+        config, unreadable = None, err  # raised after the input checks, which come first
+    if config is not None and predict_images.is_image_run(config):
+        return predict_images.predict(workdir, input_path, output, checkpoint, label_ids, config=config)
+    if label_ids:
+        raise InputError("--label_ids: Cityscapes' labelIds are for Cityscapes runs; this run segments volumes")
+    try:
+        paths = list_scans(input_path)
+        for path in paths:
+            check_scan(path)
+    except InputError as err:
+        if unreadable is not None and predict_images.holds_images(input_path):
+            raise InputError(f"{err}; whether the run takes RGB images is unknown: {unreadable}") from err
+        raise
+    if unreadable is not None:
+        destinations(paths, input_path, output)  # the output's checks, too, come before the workdir's
+        raise unreadable
     if registry.get(config.data.dataset).prepare_scan is not None:
         return _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png)
     targets = destinations(paths, input_path, output)
@@ -427,11 +453,16 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", None, "Workdir of a trained run (config.json, checkpoints/).")
-    flags.DEFINE_string("input", None, "A .nii/.nii.gz/.h5 volume or a folder of them.")
+    flags.DEFINE_string("input", None, "A .nii/.nii.gz/.h5 volume or a folder of them; for a natural-image run a "
+                        ".png/.jpg/.jpeg image or a folder of them.")
     flags.DEFINE_string("output", None, "Folder for <name>_pred.nii.gz / <name>_pred.h5 (created), or, for one "
-                        "input file, the prediction's file name (.nii.gz/.nii for NIfTI, .h5 for h5).")
+                        "input file, the prediction's file name (.nii.gz/.nii for NIfTI, .h5 for h5); for images "
+                        "a folder for <stem>_label.png and <stem>_overlay.png, or one image's label .png name.")
     flags.DEFINE_string("checkpoint", "best", "'best', 'last' or a saved step number.")
-    flags.DEFINE_bool("png", False, "Also write per-slice overlays into <output>/<name>_png/.")
+    flags.DEFINE_bool("png", False, "Also write per-slice overlays of volumes into <output>/<name>_png/ (images "
+                      "always get their overlay).")
+    flags.DEFINE_bool("label_ids", False, "Cityscapes runs: write the official labelIds (7 road ... 33 bicycle) "
+                      "in place of the 19 train ids.")
     flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -443,10 +474,11 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     try:
-        written = predict(f.workdir, f.input, f.output, f.checkpoint, f.png)
+        written = predict(f.workdir, f.input, f.output, f.checkpoint, f.png, f.label_ids)
     except (InputError, inference.WorkdirError) as err:
         sys.exit(f"error: {err}")
-    predictions = [p for p in written if p.suffix != ".png"]
+    # Volumes' slice overlays (<name>_png/slice_000.png ...) are counted, everything else named.
+    predictions = [p for p in written if not (p.parent.name.endswith("_png") and p.name.startswith("slice_"))]
     for path in predictions:
         print(f"wrote {path}")
     if len(written) > len(predictions):
