@@ -26,11 +26,15 @@ Conventions
 Strong view order (as in the reference train step): CutMix with the next image in the batch,
 then per-sample brightness/contrast jitter (p=.5), then per-sample Gaussian blur (p=.5), then,
 once per batch with p=.5, a small smooth diffeomorphic warp. Mixing comes first, so jitter,
-blur and warp treat the pasted box and its surroundings as one image.
+blur and warp treat the pasted box and its surroundings as one image. ReCo's natural-image
+view (config.augment) swaps in ClassMix for CutMix, the RGB colour jitter (brightness,
+contrast, saturation, hue in random order, p=.8) for the intensity jitter, no warp, and a
+per-sample horizontal flip at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import jax
@@ -192,6 +196,47 @@ def cutmix(key: Array, images: Array, labels: Array,
     return mix(images), mix(labels), mix(confidences)
 
 
+# ----------------------------------------------------------------------------- ClassMix
+
+MIXES = ("cutmix", "classmix")
+
+
+def classmix_mask(key: Array, labels: Array, num_classes: int) -> Array:
+    """(B, *spatial) bool, True on the pixels of half of the classes present in each label map.
+
+    ReCo's generate_class_mask: of the n classes in labels[b] (values outside [0, num_classes),
+    an ignore label, are no class and never chosen), n // 2 chosen uniformly at random (a class
+    map of one class chooses none). Static shapes: a (B, num_classes) table of the classes
+    present, ranked by uniform scores; the chosen ones are the first n // 2 of the ranking.
+    """
+    batch = labels.shape[0]
+    flat = labels.reshape(batch, -1)
+    valid = (flat >= 0) & (flat < num_classes)
+    index = jnp.where(valid, flat, num_classes)  # out of the table: dropped by the scatter
+    present = jax.vmap(lambda row: jnp.zeros(num_classes, bool).at[row].set(True, mode="drop"))(index)
+    scores = jnp.where(present, jax.random.uniform(key, (batch, num_classes)), 2.0)
+    rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+    chosen = present & (rank < jnp.sum(present, axis=1, keepdims=True) // 2)
+    keep = jnp.take_along_axis(chosen, jnp.where(valid, flat, 0), axis=1) & valid
+    return keep.reshape(labels.shape)
+
+
+def classmix(key: Array, images: Array, labels: Array, confidences: Array, *,
+             num_classes: int) -> tuple[Array, Array, Array]:
+    """ReCo's ClassMix: sample b keeps its pixels of half of its classes (classmix_mask of its
+    labels, here the teacher's pseudo-labels) pasted onto image (b + 1) % B, which shows
+    everywhere else; labels and confidences alike. `num_classes` must be static."""
+    _check_batch("classmix", images, labels, confidences)
+    keep = classmix_mask(key, labels, num_classes)
+
+    def mix(x: Array) -> Array:
+        partner = jnp.roll(x, -1, axis=0)  # partner[b] = x[(b + 1) % B]
+        own = keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim))
+        return jnp.where(own, x, partner)
+
+    return mix(images), mix(labels), mix(confidences)
+
+
 # ----------------------------------------------------------------------------- photometric
 
 def _per_sample(values: Array, like: Array) -> Array:
@@ -230,6 +275,118 @@ def intensity_jitter(key: Array, images: Array, *, p: float = 0.5,
     contrasted = mean + _per_sample(contrast, images) * (brightened - mean)
     jittered = clip(contrasted)
     return jnp.where(_per_sample(apply, images), jittered, images)
+
+
+_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2)
+JITTER_STRENGTH = (0.75, 1.25)  # brightness / contrast factors of the intensity and colour jitters
+
+
+@dataclasses.dataclass(frozen=True)
+class ColourJitter:
+    """The RGB colour jitter's settings (static): saturation factors uniform in [1 - s, 1 + s],
+    hue shifts uniform in [-hue, hue] of the hue circle; images normalised per channel by
+    (x - mean) / std (ImageNet's for the natural-image datasets), or None: RGB in [0, 1]."""
+
+    saturation: float = 0.25
+    hue: float = 0.25
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+
+
+def _luma(rgb: Array) -> Array:
+    """(..., 1) grayscale of (..., 3) RGB, as torchvision's rgb_to_grayscale."""
+    return jnp.sum(rgb * jnp.asarray(_LUMA, rgb.dtype), axis=-1, keepdims=True)
+
+
+def rgb_to_hsv(rgb: Array) -> Array:
+    """(..., 3) RGB in [0, 1] -> (..., 3) HSV in [0, 1] (colorsys' formulas; hue 0 for grays)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    maxc, minc = jnp.max(rgb, axis=-1), jnp.min(rgb, axis=-1)
+    delta = maxc - minc
+    gray = delta == 0
+    safe = jnp.where(gray, 1.0, delta)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = jnp.where(maxc == r, bc - gc, jnp.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = jnp.where(gray, 0.0, jnp.mod(h / 6.0, 1.0))
+    s = jnp.where(maxc == 0, 0.0, delta / jnp.where(maxc == 0, 1.0, maxc))
+    return jnp.stack([h, s, maxc], axis=-1)
+
+
+def hsv_to_rgb(hsv: Array) -> Array:
+    """(..., 3) HSV in [0, 1] -> (..., 3) RGB in [0, 1] (colorsys' six sectors)."""
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    sector = jnp.floor(h * 6.0)
+    f = h * 6.0 - sector
+    sector = jnp.mod(sector.astype(jnp.int32), 6)
+    p, q, t = v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f))
+    table = jnp.stack([jnp.stack(c, axis=-1) for c in
+                       ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], axis=0)
+    return jnp.take_along_axis(table, sector[None, ..., None], axis=0)[0]
+
+
+def colour_jitter(key: Array, images: Array, *, p: float = 0.8, settings: ColourJitter = ColourJitter(),
+                  strength: tuple[float, float] = JITTER_STRENGTH) -> Array:
+    """torchvision's ColorJitter as ReCo draws it, per sample with probability p, on RGB images.
+
+    Brightness and contrast factors uniform in `strength`, saturation and hue as `settings`, the
+    four applied in a random order per sample (as ColorJitter), each result clipped to [0, 1]:
+    brightness scales, contrast blends with the mean luma of the image, saturation with each
+    pixel's luma, hue turns the HSV hue. Normalised images are mapped back to [0, 1] RGB first
+    and normalised again after. A gray pixel stays gray; saturation 0 and hue 0 jitter only
+    brightness and contrast. Every step is computed for the whole batch and selected per
+    sample: 16 elementwise passes, negligible beside a forward.
+    """
+    rank = _image_spatial_rank("colour_jitter", images)
+    if images.shape[-1] != 3:
+        raise ValueError(f"augment.colour_jitter: needs RGB images (3 channels), got shape {tuple(images.shape)}")
+    batch = images.shape[0]
+    apply_key, order_key, *factor_keys = jax.random.split(key, 6)
+    apply = jax.random.bernoulli(apply_key, p, (batch,))
+    order = jnp.argsort(jax.random.uniform(order_key, (batch, 4)), axis=1)  # a uniform permutation per sample
+    ranges = (strength, strength, (1.0 - settings.saturation, 1.0 + settings.saturation),
+              (-settings.hue, settings.hue))
+    factors = [_per_sample(jax.random.uniform(k, (batch,), minval=low, maxval=high), images)
+               for k, (low, high) in zip(factor_keys, ranges)]
+    mean = None if settings.mean is None else jnp.asarray(settings.mean, images.dtype)
+    std = None if settings.std is None else jnp.asarray(settings.std, images.dtype)
+    rgb = images if mean is None else images * std + mean
+    spatial = tuple(range(1, rank + 1))
+
+    def brightness(x):
+        return jnp.clip(x * factors[0], 0.0, 1.0)
+
+    def contrast(x):
+        level = jnp.mean(_luma(x), axis=spatial, keepdims=True)
+        return jnp.clip(level + factors[1] * (x - level), 0.0, 1.0)
+
+    def saturation(x):
+        gray = _luma(x)
+        return jnp.clip(gray + factors[2] * (x - gray), 0.0, 1.0)
+
+    def hue(x):
+        hsv = rgb_to_hsv(x)
+        turned = jnp.mod(hsv[..., :1] + factors[3], 1.0)
+        return jnp.clip(hsv_to_rgb(jnp.concatenate([turned, hsv[..., 1:]], axis=-1)), 0.0, 1.0)
+
+    x = jnp.clip(rgb, 0.0, 1.0)
+    for position in range(4):
+        op = _per_sample(order[:, position], images)
+        x = jnp.select([op == i for i in range(3)], [f(x) for f in (brightness, contrast, saturation)], hue(x))
+    jittered = x if mean is None else (x - mean) / std
+    return jnp.where(_per_sample(apply, images), jittered, images)
+
+
+def horizontal_flip(key: Array, images: Array, labels: Array, confidences: Array, *,
+                    p: float = 0.5) -> tuple[Array, Array, Array]:
+    """Mirrors each sample along W with probability p: images, labels and confidences alike
+    (ReCo flips the strong view's image, pseudo-labels and confidences together)."""
+    rank = _check_batch("horizontal_flip", images, labels, confidences)
+    flip = jax.random.bernoulli(key, p, (images.shape[0],))
+
+    def mirror(x: Array) -> Array:
+        return jnp.where(_per_sample(flip, x), jnp.flip(x, axis=rank), x)
+
+    return mirror(images), mirror(labels), mirror(confidences)
 
 
 def _gaussian_taps(sigma: Array, taps: int) -> Array:
@@ -433,45 +590,73 @@ def warp_affine(x: Array, matrices: Array, *, order: int, cval: float = 0.0) -> 
 # ----------------------------------------------------------------------------- strong view
 
 def photometric_and_warp(key: Array, images: Array, labels: Array, confidences: Array, *,
-                         warp_labels: bool, warp_prob: float = 0.5, value_range: ValueRange = UNIT_RANGE
-                         ) -> tuple[Array, Array, Array]:
-    """The strong view's steps after CutMix: intensity_jitter (p=.5 per sample, clipped to
-    `value_range`) -> gaussian_blur (p=.5 per sample) -> smooth_warp (p=`warp_prob` per batch).
+                         warp_labels: bool, warp_prob: float = 0.5, value_range: ValueRange = UNIT_RANGE,
+                         jitter_prob: float = 0.5, colour: Optional[ColourJitter] = None,
+                         blur_prob: float = 0.5, flip_prob: float = 0.0) -> tuple[Array, Array, Array]:
+    """The strong view's steps after mixing: intensity_jitter (p=`jitter_prob` per sample,
+    clipped to `value_range`), or with `colour` colour_jitter (RGB) -> gaussian_blur (p=`blur_prob`
+    per sample) -> smooth_warp (p=`warp_prob` per batch) -> horizontal_flip (p=`flip_prob` per
+    sample, drawn only when > 0, so the other draws are those of a run without it).
 
     With warp_labels=False the warp moves the image only, as the reference does, and the
     pseudo-labels no longer line up with it; True warps labels and confidences with the image.
-    `warp_labels` must be static.
+    Every setting must be static.
     """
     _check_batch("photometric_and_warp", images, labels, confidences)
     jitter_key, blur_key, warp_key = jax.random.split(key, 3)
-    images = intensity_jitter(jitter_key, images, value_range=value_range)
-    images = gaussian_blur(blur_key, images)
-    if warp_labels:
-        return smooth_warp(warp_key, images, labels, confidences, p=warp_prob)
-    images, _, _ = smooth_warp(warp_key, images, p=warp_prob)
+    if colour is None:
+        images = intensity_jitter(jitter_key, images, p=jitter_prob, value_range=value_range)
+    else:
+        images = colour_jitter(jitter_key, images, p=jitter_prob, settings=colour)
+    images = gaussian_blur(blur_key, images, p=blur_prob)
+    if warp_prob > 0 and warp_labels:
+        images, labels, confidences = smooth_warp(warp_key, images, labels, confidences, p=warp_prob)
+    elif warp_prob > 0:
+        images, _, _ = smooth_warp(warp_key, images, p=warp_prob)
+    if flip_prob > 0:
+        images, labels, confidences = horizontal_flip(jax.random.fold_in(key, 1), images, labels, confidences,
+                                                      p=flip_prob)
     return images, labels, confidences
 
 
 def strong_augment(key: Array, images: Array, labels: Array, confidences: Array, *,
-                   warp_labels: bool, warp_prob: float = 0.5, value_range: ValueRange = UNIT_RANGE
+                   warp_labels: bool, warp_prob: float = 0.5, value_range: ValueRange = UNIT_RANGE,
+                   mix: str = "cutmix", num_classes: Optional[int] = None, jitter_prob: float = 0.5,
+                   colour: Optional[ColourJitter] = None, blur_prob: float = 0.5, flip_prob: float = 0.0
                    ) -> tuple[Array, Array, Array]:
-    """The strong view of the unlabeled batch, in the reference's order: cutmix (partner
-    (b+1) % B) with `key`, then `photometric_and_warp` with fold_in(key, 1). The one builder of
-    the strong view: the train step and the variance study call it (objective.strong_view)."""
+    """The strong view of the unlabeled batch, in the reference's order: `mix` ('cutmix' or
+    'classmix', which needs `num_classes`; partner (b+1) % B) with `key`, then
+    `photometric_and_warp` with fold_in(key, 1). The one builder of the strong view: the train
+    step and the variance study call it (objective.strong_view, settings from config.augment)."""
     _check_batch("strong_augment", images, labels, confidences)
-    images, labels, confidences = cutmix(key, images, labels, confidences)
+    if mix == "cutmix":
+        images, labels, confidences = cutmix(key, images, labels, confidences)
+    elif mix == "classmix":
+        if num_classes is None:
+            raise ValueError("augment.strong_augment: mix='classmix' needs num_classes")
+        images, labels, confidences = classmix(key, images, labels, confidences, num_classes=num_classes)
+    else:
+        raise ValueError(f"augment.strong_augment: mix must be one of {MIXES}, got {mix!r}")
     return photometric_and_warp(jax.random.fold_in(key, 1), images, labels, confidences,
-                                warp_labels=warp_labels, warp_prob=warp_prob, value_range=value_range)
+                                warp_labels=warp_labels, warp_prob=warp_prob, value_range=value_range,
+                                jitter_prob=jitter_prob, colour=colour, blur_prob=blur_prob, flip_prob=flip_prob)
 
 
 __all__ = [
+    "ColourJitter",
+    "classmix",
+    "classmix_mask",
+    "colour_jitter",
     "cutmix",
     "cutmix_mask",
     "gaussian_blur",
+    "horizontal_flip",
+    "hsv_to_rgb",
     "intensity_jitter",
     "photometric_and_warp",
     "random_similarity",
     "resample",
+    "rgb_to_hsv",
     "smooth_displacement",
     "smooth_warp",
     "strong_augment",

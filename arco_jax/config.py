@@ -22,6 +22,9 @@ STRATA_LAYOUTS = ("index", "spatial")
 LOSS_TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")
 NEGATIVE_SOURCES = ("other_classes", "reference")
 NN_GRADIENTS = ("active", "reference")
+MIXES = ("cutmix", "classmix")  # augment.MIXES
+JITTERS = ("intensity", "colour")
+SUPERVISED_LOSSES = ("ce_dice", "ce")  # losses.SUPERVISED_LOSSES
 
 __all__ = ["ConfigError", "base_config", "data_mesh_size", "resolve_for_devices", "validate", "upgrade_record"]
 
@@ -123,6 +126,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss_weights.eqv = 1.0
     c.loss_weights.nn = 1.0
     c.loss_weights.consistency = 0.0  # Mean Teacher softmax MSE (the 'mean_teacher' method).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.supervised = "ce_dice"  # 'ce_dice': CE + Dice (the reference); 'ce': CE alone (ReCo).
+
+    # The strong view of the unlabeled images (augment.strong_augment; ARCO's unlabeled terms).
+    # Defaults: the reference's (CutMix, brightness/contrast p=.5, blur p=.5, warp p=.5 per batch).
+    c.augment = ml_collections.ConfigDict()
+    c.augment.mix = "cutmix"  # 'cutmix': a box of half the image; 'classmix': half the teacher's classes (ReCo).
+    # 'intensity': brightness and contrast of every channel alike; 'colour': RGB brightness, contrast,
+    # saturation and hue in random order (torchvision's ColorJitter, ReCo's; 3-channel datasets).
+    c.augment.jitter = "intensity"
+    c.augment.jitter_prob = 0.5  # Per sample (ReCo: 0.8).
+    c.augment.saturation = 0.0  # 'colour': factors uniform in [1 - s, 1 + s] (ReCo: 0.25).
+    c.augment.hue = 0.0  # 'colour': shifts uniform in [-h, h] of the hue circle, h <= 0.5 (ReCo: 0.25).
+    c.augment.blur_prob = 0.5  # Gaussian blur, per sample.
+    c.augment.warp_prob = 0.5  # Smooth warp, per batch (ReCo has none: 0).
+    c.augment.flip_prob = 0.0  # Horizontal flip of image, pseudo-labels and confidences, per sample (ReCo: 0.5).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.01
@@ -297,7 +316,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None, *, p
     elif d.mesh_devices is not None:
         data_mesh_size(batches, d.mesh_devices, 1, d.mesh_devices)
     if d.batch_unlabeled < 2:
-        _fail("data.batch_unlabeled", "CutMix pairs each unlabeled image with the next one: needs >= 2")
+        _fail("data.batch_unlabeled", f"{c.augment.mix} pairs each unlabeled image with the next one: needs >= 2")
 
     from arco_jax import models  # pylint: disable=import-outside-toplevel  (flax: only when validating)
 
@@ -355,6 +374,8 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None, *, p
     extra = set(c.loss_weights.keys()) - set(LOSS_TERMS)
     if extra:
         _fail("loss_weights", f"unknown terms {sorted(extra)}; known: {', '.join(LOSS_TERMS)}")
+    _choice(c.loss.supervised, "loss.supervised", SUPERVISED_LOSSES)
+    _validate_augment(c)
     _choice(c.method, "method", methods.method_names())
     for field, problem in methods.method_conflicts(c) + methods.variant_conflicts(c):
         _fail(field, problem)
@@ -374,6 +395,26 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None, *, p
     _choice(c.eval.model, "eval.model", ("student", "teacher"))
     evaluators.validate(c)
     _choice(c.eval.empty_policy, "eval.empty_policy", tuple(EMPTY_POLICIES))
+
+
+def _validate_augment(c: ml_collections.ConfigDict) -> None:
+    g = c.augment
+    _choice(g.mix, "augment.mix", MIXES)
+    _choice(g.jitter, "augment.jitter", JITTERS)
+    for field in ("jitter_prob", "blur_prob", "warp_prob", "flip_prob"):
+        if not (isinstance(g[field], (int, float)) and 0.0 <= g[field] <= 1.0):
+            _fail(f"augment.{field}", f"is a probability in [0, 1], got {g[field]!r}")
+    for field, high in (("saturation", 1.0), ("hue", 0.5)):
+        if not (isinstance(g[field], (int, float)) and 0.0 <= g[field] <= high):
+            _fail(f"augment.{field}", f"must lie in [0, {high}], got {g[field]!r}")
+        if g[field] and g.jitter != "colour":
+            _fail(f"augment.{field}", f"{g[field]} is drawn by the 'colour' jitter only (augment.jitter is "
+                  f"{g.jitter!r})")
+    if g.jitter == "colour":
+        intensity = registry.info(c).intensity
+        if c.data.in_channels != 3 or intensity not in ("imagenet", "minmax"):
+            _fail("augment.jitter", f"'colour' needs RGB images (3 channels, in [0, 1] or ImageNet-normalised); "
+                  f"dataset {c.data.dataset!r} has {c.data.in_channels} channel(s), intensity {intensity!r}")
 
 
 def _validate_pretrain(c: ml_collections.ConfigDict) -> None:

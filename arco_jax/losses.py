@@ -37,16 +37,28 @@ def dice_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = No
     return jnp.mean(1.0 - dice)
 
 
-def supervised_loss(logits: jax.Array, labels: jax.Array, ignore_label: int | None = None) -> tuple[jax.Array, dict]:
-    """CE + Dice on labeled images (equal weights, as the reference). Pixels labeled
-    `ignore_label` are left out of both (CE is the mean over the other pixels)."""
+SUPERVISED_LOSSES = ("ce_dice", "ce")  # config.loss.supervised
+
+
+def supervised_loss(logits: jax.Array, labels: jax.Array, ignore_label: int | None = None,
+                    kind: str = "ce_dice") -> tuple[jax.Array, dict]:
+    """The loss on labeled images: 'ce_dice', CE + Dice with equal weights (the ARCO/SSL4MIS
+    reference), or 'ce', CE alone (ReCo's natural-image recipe; no Dice is computed or reported).
+    Pixels labeled `ignore_label` are left out (CE is the mean over the other pixels)."""
+    if kind not in SUPERVISED_LOSSES:
+        raise ValueError(f"losses.supervised_loss: kind must be one of {SUPERVISED_LOSSES}, got {kind!r}")
     if ignore_label is None:
+        valid = safe = None
         ce = jnp.mean(cross_entropy(logits, labels))
-        dice = dice_loss(logits, labels)
     else:
         valid = labels != ignore_label
         safe = jnp.where(valid, labels, 0)
         ce = jnp.sum(jnp.where(valid, cross_entropy(logits, safe), 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    if kind == "ce":
+        return ce, {"sup_ce": ce}
+    if ignore_label is None:
+        dice = dice_loss(logits, labels)
+    else:
         dice = dice_loss(logits, safe, valid.astype(jnp.float32))
     return ce + dice, {"sup_ce": ce, "sup_dice": dice}
 

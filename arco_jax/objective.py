@@ -28,6 +28,7 @@ import ml_collections
 from arco_jax import augment, losses, memory, parallel, sampling
 from arco_jax.consistency import consistency_term, consistency_weight
 from arco_jax.core import Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward, teacher_pass
+from arco_jax.data import registry
 
 TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")  # what arco_loss reports
 
@@ -337,15 +338,33 @@ def pooled_embedding(fwd: Forward, which: str, inputs: HeadInputs, grid_size: in
     return losses.l2_normalize(reps.reshape(batch, -1))
 
 
+def strong_view_settings(config: ml_collections.ConfigDict, nets: Networks) -> dict:
+    """augment.strong_augment's keyword settings from config.augment (mix, jitter, blur, warp,
+    flip) and arco.warp_pseudo_labels. The colour jitter undoes the ImageNet normalisation of
+    'imagenet' datasets first (it acts on RGB in [0, 1]); 'minmax' images already are."""
+    g = config.augment
+    colour = None
+    if g.jitter == "colour":
+        mean = std = None
+        if registry.info(config).intensity == "imagenet":
+            from arco_jax.data.natural import IMAGENET_MEAN, IMAGENET_STD  # pylint: disable=import-outside-toplevel
+
+            mean, std = tuple(map(float, IMAGENET_MEAN)), tuple(map(float, IMAGENET_STD))
+        colour = augment.ColourJitter(saturation=g.saturation, hue=g.hue, mean=mean, std=std)
+    return dict(warp_labels=config.arco.warp_pseudo_labels, warp_prob=g.warp_prob, value_range=nets.image_range,
+                mix=g.mix, num_classes=config.data.num_classes, jitter_prob=g.jitter_prob, colour=colour,
+                blur_prob=g.blur_prob, flip_prob=g.flip_prob)
+
+
 def strong_view(fwd: Forward, image_u: jax.Array, teacher_key: jax.Array, strong_key: jax.Array):
     """Pseudo-labels (argmax) and confidences (max prob) of the teacher on the weak view, then
-    the strong view of the same images with them (augment.strong_augment); the labels follow
-    the warp unless arco.warp_pseudo_labels is off. Returns (image_s, pseudo, confidence)."""
+    the strong view of the same images with them (augment.strong_augment, as config.augment
+    says); the labels follow the warp unless arco.warp_pseudo_labels is off. Returns (image_s,
+    pseudo, confidence)."""
     weak_logits, _ = fwd.teacher_net(image_u, teacher_key)
     weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
     return augment.strong_augment(strong_key, image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32),
-                                  jnp.max(weak_probs, -1), warp_labels=fwd.config.arco.warp_pseudo_labels,
-                                  value_range=fwd.nets.image_range)
+                                  jnp.max(weak_probs, -1), **strong_view_settings(fwd.config, fwd.nets))
 
 
 def equivariance_mask(labels: jax.Array, confidences: jax.Array, num_classes: int, threshold: float) -> jax.Array:
@@ -396,7 +415,8 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
     zero = jnp.zeros((), jnp.float32)
     terms = dict.fromkeys(TERMS, zero)
     weights = {name: w[name] for name in TERMS}
-    terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l, config.data.ignore_label)
+    terms["sup"], sup_parts = losses.supervised_loss(logits_l, batch.label_l, config.data.ignore_label,
+                                                      kind=config.loss.supervised)
     metrics = dict(sup_parts)
     if w.consistency > 0:
         terms["consistency"], fwd.teacher_batch_stats = consistency_term(

@@ -189,7 +189,8 @@ def relational_loss(trainable: dict, state: TrainState, batch: Batch, key: jax.A
                                                          config.arco.teacher_train_mode)
     t_bottleneck = t_features[0]
 
-    sup, sup_parts = losses.supervised_loss(logits[:batch.image_l.shape[0]], batch.label_l, config.data.ignore_label)
+    sup, sup_parts = losses.supervised_loss(logits[:batch.image_l.shape[0]], batch.label_l, config.data.ignore_label,
+                                            kind=config.loss.supervised)
 
     heads = trainable["heads"]
     global_student = _apply(r.global_predictor, heads["global_predictor"],

@@ -23,10 +23,16 @@ sup + unsup + contrast at weight 1 each, as ReCo's sup + unsup + reco; no equiva
 neighbour term (ReCo has neither). ARCO-SG with 16 strata (method presets after ':' as in
 configs/acdc.py: method=arco_sag, arco_ns, supervised ...).
 
-Not as ReCo (missing here): ClassMix (the strong view mixes by CutMix, augment.py), ReCo's colour
-jitter (brightness, contrast, saturation, hue; p=.8) and blur of the labeled view, the random
-rescale of the strong view, a CE-only supervised term (it is CE + Dice here), and its unlabeled
-view without scaling or flipping (both streams share the weak view here).
+The strong view as ReCo's (config.augment): ClassMix of the unlabeled images by the teacher's
+pseudo-labels (half of the classes of image b pasted onto image b + 1; augment.mix='cutmix' for
+CutMix), then torchvision's ColorJitter on RGB (brightness, contrast, saturation 0.75-1.25, hue
++-0.25, random order, p=.8), Gaussian blur (sigma 0.15-1.15, p=.5) and a horizontal flip (p=.5),
+no smooth warp. The supervised term is CE alone (loss.supervised='ce'; 'ce_dice' adds Dice).
+
+Not as ReCo (missing here): the colour jitter and blur of the labeled view (the data pipeline's
+weak view has scale, crop and flip only), the random rescale (0.5-1.5) of the unlabeled images
+and their pseudo-labels before mixing, and ReCo's unlabeled view without scaling or flipping
+(both streams share the weak view here).
 
 Published (ARCO Table 7, mIoU %, 60 / 200 / 600 labels): ARCO-SG 59.6 / 71.7 / 75.5; ReCo +
 ClassMix 57.1 / 69.4 / 73.2; supervised 39.4 / 55.5 / 64.6.
@@ -61,6 +67,10 @@ def reco_recipe(config, config_string: str | None = None):
     a.ema_decay, a.num_strata, a.num_anchors, a.num_negatives, a.temperature = 0.99, 16, 256, 512, 0.5
     a.confidence_threshold = 0.97
     config.eval.model = "teacher"
+    config.loss.supervised = "ce"  # ReCo's compute_supervised_loss: CE with the ignore label, no Dice
+    g = config.augment  # ReCo's strong view: ClassMix, then ColorJitter (p=.8), blur (p=.5), flip (p=.5)
+    g.mix, g.jitter, g.jitter_prob, g.saturation, g.hue = "classmix", "colour", 0.8, 0.25, 0.25
+    g.blur_prob, g.warp_prob, g.flip_prob = 0.5, 0.0, 0.5
     methods.apply_method(config, "arco_sg")
     config = methods.apply_config_string(config, config_string)
     w = config.loss_weights

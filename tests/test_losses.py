@@ -80,6 +80,21 @@ def test_supervised_loss_is_ce_plus_dice():
     np.testing.assert_allclose(total, parts["sup_ce"] + parts["sup_dice"], rtol=1e-6)
 
 
+def test_supervised_loss_ce_only_is_the_cross_entropy_without_the_ignored_pixels():
+    logits, labels = random_logits(4, (2, 6, 5, 3)), random_labels(5, (2, 6, 5), 3)
+    total, parts = losses.supervised_loss(logits, labels, kind="ce")
+    np.testing.assert_allclose(total, np_cross_entropy(logits, labels).mean(), rtol=1e-5)
+    assert parts == {"sup_ce": total}
+    ignored = labels.copy()
+    ignored[0, :3] = 255
+    total, _ = losses.supervised_loss(logits, ignored, ignore_label=255, kind="ce")
+    np.testing.assert_allclose(total, np_cross_entropy(logits, labels)[ignored != 255].mean(), rtol=1e-5)
+    with_dice, dice_parts = losses.supervised_loss(logits, ignored, ignore_label=255)
+    np.testing.assert_allclose(with_dice, total + dice_parts["sup_dice"], rtol=1e-6)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        losses.supervised_loss(logits, labels, kind="dice")
+
+
 # ----------------------------------------------------------------------------- pseudo-labels
 
 

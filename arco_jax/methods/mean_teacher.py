@@ -21,7 +21,8 @@ def mean_teacher_loss(params: dict, state: TrainState, batch: Batch, key: jax.Ar
     num_labeled = batch.image_l.shape[0]
     (logits, _), batch_stats = student_forward(nets, params["segmenter"], state.batch_stats,
                                                jnp.concatenate([batch.image_l, batch.image_u]), keys["student_l"])
-    sup, parts = losses.supervised_loss(logits[:num_labeled], batch.label_l, config.data.ignore_label)
+    sup, parts = losses.supervised_loss(logits[:num_labeled], batch.label_l, config.data.ignore_label,
+                                        kind=config.loss.supervised)
     consistency, teacher_stats = consistency_term(keys["consistency"], config, nets, state.teacher,
                                                   logits[num_labeled:], batch.image_u)
     weight = consistency_weight(config, progress)

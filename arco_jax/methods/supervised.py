@@ -12,10 +12,10 @@ from arco_jax.methods.base import Method
 
 def labeled_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, progress: jax.Array,
                  config: ml_collections.ConfigDict, nets: Networks):
-    """loss_weights.sup (CE + Dice) on one train-mode student pass over the labeled images."""
+    """loss_weights.sup (loss.supervised: CE + Dice or CE) on one train-mode student pass over the labeled images."""
     (logits, _), batch_stats = student_forward(nets, params["segmenter"], state.batch_stats, batch.image_l,
                                                stage2_keys(key)["student_l"])
-    sup, parts = losses.supervised_loss(logits, batch.label_l, config.data.ignore_label)
+    sup, parts = losses.supervised_loss(logits, batch.label_l, config.data.ignore_label, kind=config.loss.supervised)
     return config.loss_weights.sup * sup, LossOutput({"sup": sup}, batch_stats, None, dict(parts))
 
 
