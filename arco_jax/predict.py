@@ -50,6 +50,7 @@ from PIL import Image
 from arco_jax import files, inference
 from arco_jax.data import registry
 from arco_jax.data.ssl4mis import DataError
+from arco_jax.evaluators import sliding_window
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 H5_SUFFIX = ".h5"
@@ -215,11 +216,16 @@ def write_label_image(reference, labels: np.ndarray, path: Path, num_classes: in
     nib.save(image, path)
 
 
-def write_h5(scan: Scan, labels: np.ndarray, path: Path, step: int) -> None:
-    """Labels (D, H, W) as dataset `label` in the axis order of the scan's `image`."""
+def write_h5(scan: Scan, labels: np.ndarray, path: Path, step: int, probabilities: np.ndarray | None = None) -> None:
+    """Labels (D, H, W) as dataset `label` in the axis order of the scan's `image` (and the class
+    probabilities (D, H, W, K) as `probabilities`, the same axis order, classes last)."""
     with h5py.File(path, "w") as f:
         f.create_dataset("label", data=from_depth_first(labels, scan.h5_axes).astype(np.uint8),
                          compression="gzip", compression_opts=1)
+        if probabilities is not None:
+            order = [registry.DEPTH_FIRST.index(a) for a in scan.h5_axes] + [3]
+            f.create_dataset("probabilities", data=np.transpose(probabilities, order).astype(np.float32),
+                             compression="gzip", compression_opts=1)
         f.attrs["source"] = scan.path.name
         f.attrs["checkpoint_step"] = step
 
@@ -301,26 +307,78 @@ def _write_atomically(destination: Path, write) -> None:
         partial.unlink(missing_ok=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class VolumeOptions:
+    """How a volume is segmented beyond the run's own evaluator settings.
+
+    tta: average the class probabilities over every flip of the network's input (4 views of a
+      slice, 8 of a 3-D window), each flipped back; largest_component: keep each foreground
+      class's largest connected component (26-connected in 3-D; a 3-D run whose
+      eval.largest_component is on does so anyway); probabilities: also write the per-class
+      probability maps (<stem>_prob.nii.gz, a 4-D float32 NIfTI on the scan's grid, or an h5
+      dataset `probabilities` beside `label`)."""
+
+    tta: bool = False
+    largest_component: bool = False
+    probabilities: bool = False
+
+
+def segment(model: inference.TrainedModel, volume: np.ndarray, options: VolumeOptions
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels (D, H, W), probabilities (D, H, W, K) or None) of a preprocessed volume."""
+    if not (options.tta or options.probabilities):
+        labels = model.predict_volume(volume)
+        return (sliding_window.largest_component(labels) if options.largest_component else labels), None
+    probabilities = model.predict_probabilities(volume, flips=options.tta)
+    labels = np.argmax(probabilities, axis=-1).astype(np.int32)
+    if options.largest_component or getattr(model.evaluator, "keep_largest_component", False):
+        labels = sliding_window.largest_component(labels)
+    return labels, (probabilities if options.probabilities else None)
+
+
+def probability_destination(destination: Path) -> Path:
+    """<stem>_prob.nii.gz beside a NIfTI prediction (case_pred.nii.gz -> case_prob.nii.gz)."""
+    stem = scan_name(destination)
+    stem = stem[: -len(PRED_SUFFIX)] if stem.endswith(PRED_SUFFIX) and len(stem) > len(PRED_SUFFIX) else stem
+    return destination.with_name(f"{stem}_prob.nii.gz")
+
+
+def write_probability_image(reference, probabilities: np.ndarray, path: Path) -> None:
+    """Probabilities in the reference image's array order, classes last (x, y, z, K), float32,
+    with its affine: one 4-D NIfTI a viewer shows class by class."""
+    header = reference.header.copy()
+    header.set_data_dtype(np.float32)
+    image = type(reference)(probabilities.astype(np.float32), reference.affine, header)
+    image.header.set_slope_inter(1.0, 0.0)
+    image.header["cal_min"], image.header["cal_max"] = 0.0, 1.0
+    nib.save(image, path)
+
+
 def predict_scan(model: inference.TrainedModel, path: Path, output_dir: Path, png: bool = False,
-                 destination: Path | None = None) -> list[Path]:
+                 destination: Path | None = None, options: VolumeOptions = VolumeOptions()) -> list[Path]:
     """Segment one scan with the run's preprocessing and prediction, into `destination`
     (default_destination in output_dir when None); returns the files written (prediction
-    first, then any PNGs: <name>_png/ in output_dir, or <destination's stem>_png/ beside it)."""
+    first, then a probability map, then any PNGs: <name>_png/ in output_dir, or <destination's
+    stem>_png/ beside it)."""
     dataset = model.dataset
     scan = read_scan(path, dataset.h5_axes)
     image = normalize(scan.volume, path, dataset.intensity)
-    labels = model.predict_volume(image)
+    labels, probabilities = segment(model, image, options)
     written = destination if destination is not None else default_destination(path, Path(output_dir))
+    extra = []
     if scan.nifti is not None:
         _write_atomically(written, lambda target: write_nifti(scan, labels, target, model.num_classes))
+        if probabilities is not None:
+            extra.append(probability_destination(written))
+            xyz = np.transpose(probabilities, (2, 1, 0, 3))
+            _write_atomically(extra[-1], lambda target: write_probability_image(scan.nifti, xyz, target))
     else:
-        _write_atomically(written, lambda target: write_h5(scan, labels, target, model.step))
-    pngs = []
+        _write_atomically(written, lambda target: write_h5(scan, labels, target, model.step, probabilities))
     if png:
         display = image if dataset.intensity == "minmax" else normalize(scan.volume, path, "minmax")
         stem = scan.name if destination is None else scan_name(destination)
-        pngs = write_overlays(display, labels, written.parent / f"{stem}_png")
-    return [written, *pngs]
+        extra += write_overlays(display, labels, written.parent / f"{stem}_png")
+    return [written, *extra]
 
 
 CHANNEL_DIGITS = 4  # nnU-Net's channel suffix: <case>_0000.nii.gz, <case>_0001.nii.gz, ...
@@ -367,23 +425,30 @@ def read_plan(workdir) -> dict:
 
 
 def predict_prepared(model: inference.TrainedModel, plan: dict, channel_files: list[Path], destination: Path,
-                     png: bool = False) -> list[Path]:
+                     png: bool = False, options: VolumeOptions = VolumeOptions()) -> list[Path]:
     """Segment one scan (its channel files) with a run whose dataset prepares scans by a plan
     (DatasetSpec.prepare_scan): the labels go back to the first file's grid and orientation."""
     try:
         prepared = registry.get(model.config.data.dataset).prepare_scan(plan, channel_files)
     except DataError as err:
         raise InputError(str(err)) from err
-    labels = model.predict_volume(prepared.volume)
+    labels, probabilities = segment(model, prepared.volume, options)
     on_input = prepared.to_input_grid(labels)
     _write_atomically(destination, lambda target: write_label_image(prepared.reference, on_input, target,
                                                                     model.num_classes))
-    pngs = write_overlays(prepared.display, labels, destination.parent / f"{scan_name(destination)}_png") if png else []
-    return [destination, *pngs]
+    written = [destination]
+    if probabilities is not None:
+        written.append(probability_destination(destination))
+        on_grid = prepared.to_input_grid(probabilities)
+        _write_atomically(written[-1], lambda target: write_probability_image(prepared.reference, on_grid, target))
+    if png:
+        written += write_overlays(prepared.display, labels, destination.parent / f"{scan_name(destination)}_png")
+    return written
 
 
 def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
-            checkpoint: str | int = "best", png: bool = False, label_ids: bool = False) -> list[Path]:
+            checkpoint: str | int = "best", png: bool = False, label_ids: bool = False,
+            options: VolumeOptions = VolumeOptions()) -> list[Path]:
     """Segment a scan or a folder of scans with a trained run into an output folder, or one
     scan into an output file; returns the files written. A natural-image run goes to
     predict_images, which checks its inputs first as well."""
@@ -394,6 +459,9 @@ def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
     except inference.WorkdirError as err:
         config, unreadable = None, err  # raised after the input checks, which come first
     if config is not None and predict_images.is_image_run(config):
+        if options != VolumeOptions():
+            raise InputError("--tta, --largest_component and --probabilities are for volumes; this run segments "
+                             "RGB images")
         return predict_images.predict(workdir, input_path, output, checkpoint, label_ids, config=config)
     if label_ids:
         raise InputError("--label_ids: Cityscapes' labelIds are for Cityscapes runs; this run segments volumes")
@@ -409,7 +477,7 @@ def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
         destinations(paths, input_path, output)  # the output's checks, too, come before the workdir's
         raise unreadable
     if registry.get(config.data.dataset).prepare_scan is not None:
-        return _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png)
+        return _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png, options)
     targets = destinations(paths, input_path, output)
     model = inference.load_model(workdir, checkpoint)
     if model.num_classes > 256:
@@ -417,11 +485,11 @@ def predict(workdir: str | Path, input_path: str | Path, output: str | Path,
     named_file = scan_name(Path(output)) is not None
     written = []
     for path, destination in targets.items():
-        written += predict_scan(model, path, destination.parent, png, destination if named_file else None)
+        written += predict_scan(model, path, destination.parent, png, destination if named_file else None, options)
     return written
 
 
-def _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png) -> list[Path]:
+def _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png, options) -> list[Path]:
     """predict() for a run whose dataset prepares scans by its plan (one file per channel)."""
     groups = group_channels(paths, config.data.in_channels)
     plan = read_plan(workdir)
@@ -444,7 +512,7 @@ def _predict_by_plan(workdir, config, paths, input_path, output, checkpoint, png
     model = inference.load_model(workdir, checkpoint)
     written = []
     for first, channel_files in groups.items():
-        written += predict_prepared(model, plan, channel_files, targets[first], png)
+        written += predict_prepared(model, plan, channel_files, targets[first], png, options)
     return written
 
 
@@ -463,6 +531,11 @@ def _define_flags() -> None:
                       "always get their overlay).")
     flags.DEFINE_bool("label_ids", False, "Cityscapes runs: write the official labelIds (7 road ... 33 bicycle) "
                       "in place of the 19 train ids.")
+    flags.DEFINE_bool("tta", False, "Volumes: average the class probabilities over every flip of the network's input "
+                      "(4 views per slice, 8 per 3-D window).")
+    flags.DEFINE_bool("largest_component", False, "Volumes: keep each foreground class's largest connected component.")
+    flags.DEFINE_bool("probabilities", False, "Volumes: also write per-class probability maps (<stem>_prob.nii.gz, "
+                      "4-D float32 on the scan's grid; h5: dataset 'probabilities').")
     flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -474,7 +547,8 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     try:
-        written = predict(f.workdir, f.input, f.output, f.checkpoint, f.png, f.label_ids)
+        options = VolumeOptions(tta=f.tta, largest_component=f.largest_component, probabilities=f.probabilities)
+        written = predict(f.workdir, f.input, f.output, f.checkpoint, f.png, f.label_ids, options)
     except (InputError, inference.WorkdirError) as err:
         sys.exit(f"error: {err}")
     # Volumes' slice overlays (<name>_png/slice_000.png ...) are counted, everything else named.

@@ -20,10 +20,11 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from arco_jax import evaluate, evaluation, inference, predict, train
 from arco_jax.data import registry, ssl4mis
-from arco_jax.evaluators import cardiac
+from arco_jax.evaluators import cardiac, sliding_window
 
 import tiny
 
@@ -487,3 +488,31 @@ def test_cardiac_report_pairs_frames_and_falls_back_to_voxels():
     assert lv_ef["mean_true"] == pytest.approx((60.0 + 75.0) / 2) and lv_ef["mean_pred"] == pytest.approx(55.0)
     assert lv_ef["mean_abs_error"] == pytest.approx((0.0 + 25.0) / 2) and lv_ef["patients"] == 2
     assert not cardiac.applies(CLASS_NAMES, ["case01"]) and not cardiac.applies(("liver",), list(per_case))
+
+
+def test_predict_options_flips_components_and_probability_maps(run, model, tmp_path):
+    case, image, _ = phantom_volume(run)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_nifti(scans / "heart.nii.gz", 1024.0 * image)
+    write_h5_scan(scans / "heart_copy.h5", image)
+    options = predict.VolumeOptions(tta=True, largest_component=True, probabilities=True)
+    written = predict.predict(run.workdir, scans, tmp_path / "out", checkpoint="last", options=options)
+    out = tmp_path / "out"
+    assert written == [out / "heart_pred.nii.gz", out / "heart_prob.nii.gz", out / "heart_copy_pred.h5"]
+    # What the options mean: flip-averaged probabilities, their argmax, each class's largest component.
+    expected_p = model.predict_probabilities(image, flips=True)
+    expected = sliding_window.largest_component(np.argmax(expected_p, -1))
+    labels = np.transpose(np.asarray(nib.load(out / "heart_pred.nii.gz").dataobj), (2, 1, 0))
+    np.testing.assert_array_equal(labels, expected)
+    probability_map = nib.load(out / "heart_prob.nii.gz")
+    assert probability_map.shape == (*nib.load(scans / "heart.nii.gz").shape, NUM_CLASSES)
+    np.testing.assert_array_equal(probability_map.affine, NIFTI_AFFINE)
+    np.testing.assert_allclose(np.transpose(np.asarray(probability_map.dataobj), (2, 1, 0, 3)), expected_p, atol=1e-6)
+    with h5py.File(out / "heart_copy_pred.h5") as f:
+        np.testing.assert_array_equal(f["label"][()], expected)
+        np.testing.assert_allclose(f["probabilities"][()], expected_p, atol=1e-6)
+    # The flips are averaged: the probabilities are not the plain ones.
+    assert not np.allclose(expected_p, model.predict_probabilities(image), atol=1e-4)
+    for labels_of_class in (expected == c for c in range(1, NUM_CLASSES)):
+        assert ndimage.label(labels_of_class, structure=np.ones((3, 3, 3)))[1] <= 1

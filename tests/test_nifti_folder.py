@@ -376,6 +376,9 @@ def test_labels_go_back_to_a_flipped_and_resampled_grid(folder, tmp_path):
     plan = {"normalization": ["none"], "ct_clip": [None], "target_spacing": None}
     prepared = nifti_folder.prepare_scan(plan, [label_file])
     np.testing.assert_array_equal(prepared.to_input_grid(prepared.volume[..., 0].astype(np.int32)), original)
+    # Per-voxel values with a class axis (probability maps) take the same way back.
+    stacked = np.stack([prepared.volume[..., 0], 2 * prepared.volume[..., 0]], axis=-1)
+    np.testing.assert_array_equal(prepared.to_input_grid(stacked), np.stack([original, 2 * original], axis=-1))
     plan["target_spacing"] = [2.5, 0.9, 0.9]
     prepared = nifti_folder.prepare_scan(plan, [label_file])
     assert prepared.volume.shape[1:3] != original.shape[:2][::-1]

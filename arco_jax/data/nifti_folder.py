@@ -731,11 +731,14 @@ def prepare_scan(plan: dict, paths: list) -> registry.PreparedScan:
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), orientation)
     reference = images[0]
 
-    def to_input_grid(labels: np.ndarray) -> np.ndarray:
-        labels = _nearest_to(np.asarray(labels), stored)  # (z, y, x) canonical
-        canonical_xyz = np.transpose(labels, (2, 1, 0))
+    def to_input_grid(array: np.ndarray) -> np.ndarray:
+        """Labels (D, H, W), or per-voxel values (D, H, W, K), onto the file's grid (nearest)."""
+        array = np.asarray(array)
+        extra = array.shape[3:]
+        array = _nearest_to(array, stored)  # (z, y, x) canonical
+        canonical_xyz = np.transpose(array, (2, 1, 0, *range(3, array.ndim)))
         restored = nib.orientations.apply_orientation(canonical_xyz, back)
-        return np.ascontiguousarray(restored).reshape(reference.shape)
+        return np.ascontiguousarray(restored).reshape(tuple(reference.shape[:3]) + extra)
 
     return registry.PreparedScan(volume=volume, to_input_grid=to_input_grid, reference=reference, display=display)
 

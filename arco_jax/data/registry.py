@@ -153,8 +153,8 @@ class DatasetSpec:
 @dataclasses.dataclass(frozen=True)
 class PreparedScan:
     """A new scan as a dataset's plan prepares it: volume (D, H, W, C) float32 as the network was
-    trained on; to_input_grid(labels (D, H, W)) -> labels on the first channel file's own voxel
-    grid, in its array order; reference: that file's loaded image (its affine and header are the
+    trained on; to_input_grid(labels (D, H, W), or values (D, H, W, K)) -> the same on the first
+    channel file's own voxel grid, in its array order; reference: that file's loaded image (its affine and header are the
     prediction's); display: channel 0 of `volume` before normalisation, in [0, 1], for overlays."""
 
     volume: np.ndarray
