@@ -10,6 +10,10 @@ Buckets differ from disks in two ways this module hides: an object cannot be app
 and there is no rename (it is copy + delete); but a single object write is atomic (the new
 object appears whole or not at all), so the write-then-rename that protects local files is
 neither possible nor needed there.
+
+A workdir under Colab's Google Drive mount point is refused while Drive is not mounted: the
+run would otherwise write to the runtime's own disk, lose everything with the runtime, and
+leave files in the mount point that make a later `drive.mount` fail.
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import os
 
 from etils import epath
 
+from arco_jax.errors import ConfigError
+
 REMOTE_PREFIXES = ("gs://", "s3://")
+DRIVE_MOUNT = "/content/drive"  # Where Colab's google.colab.drive.mount puts Google Drive.
 
 
 def is_remote(path: epath.PathLike) -> bool:
@@ -30,7 +37,22 @@ def workdir_path(path: epath.PathLike) -> epath.Path:
     bucket URI kept as it is."""
     if is_remote(path):
         return epath.Path(os.fspath(path))
-    return epath.Path(os.path.abspath(os.fspath(path)))
+    absolute = os.path.abspath(os.fspath(path))
+    check_drive_mounted(absolute)
+    return epath.Path(absolute)
+
+
+def check_drive_mounted(path: str, mount_root: str = DRIVE_MOUNT) -> None:
+    """Raise ConfigError for a local path under `mount_root` when Drive is not mounted there
+    (a mounted Drive always shows MyDrive/), before anything is created under it."""
+    root = os.path.abspath(mount_root)
+    absolute = os.path.abspath(path)
+    if os.path.commonpath([absolute, root]) != root or os.path.isdir(os.path.join(root, "MyDrive")):
+        return
+    raise ConfigError(f"workdir {path} is on Google Drive, which is not mounted ({root}/MyDrive does not exist): "
+                      f"mount it in a notebook cell first (from google.colab import drive; "
+                      f"drive.mount('{root}')), or set WORKDIR_ON_DRIVE = True in launch/colab.ipynb, "
+                      "or use a local workdir")
 
 
 def write_text(path: epath.Path, text: str) -> None:

@@ -15,8 +15,8 @@ they compile).
 
 Exit codes: 0 done; 75 (EX_TEMPFAIL) preempted: SIGTERM arrived, the current step was saved
 and the same command resumes it; 2 a bad --config.<field> override (no such field, or a value
-of the wrong type) or a bad --profile_steps, told in one line; 1 any other error (the message
-names its cause).
+of the wrong type), a bad --profile_steps or a --workdir on a Google Drive that is not
+mounted, told in one line; 1 any other error (the message names its cause).
 """
 import difflib
 import re
@@ -149,9 +149,10 @@ def main(argv):
                 "process_id": FLAGS.process_id}
     if FLAGS.multihost or any(v is not None for v in explicit.values()):
         jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
-    from arco_jax import monitoring, train
+    from arco_jax import files, monitoring, train
 
-    try:  # Before anything is read or compiled.
+    try:  # Before anything is read, written or compiled.
+        files.workdir_path(FLAGS.workdir)  # A workdir on a Google Drive that is not mounted stops here.
         profile_steps = monitoring.check_profile_steps(FLAGS.profile_steps,
                                                        FLAGS.config.pretrain.steps + FLAGS.config.train.steps)
     except monitoring.ConfigError as error:

@@ -7,7 +7,9 @@ gcloud and the trainer, to check that its quoting hands arco_jax.main exactly th
 and `tpu_vm.sh run` is driven through a preemption by a stand-in gcloud that keeps a TPU's state
 and runs the workers' commands on this machine. gpu.sh installs for real into a copy of the
 repository with a stand-in Python, twice at once, to check that only one of them builds .venv.
-The notebook is executed top to bottom in a Jupyter kernel with its tiny setting.
+The notebook is executed top to bottom in a Jupyter kernel with its tiny setting and its workdir
+on a stand-in Google Drive (a `google.colab` package whose drive.mount records the call and makes
+the folder a mounted Drive shows), then again in a fresh kernel, as after a disconnect.
 """
 import json
 import os
@@ -442,35 +444,181 @@ def test_gpu_bad_arguments(args, env, message):
 def test_notebook_is_stored_without_outputs():
     notebook = json.loads((LAUNCH / "colab.ipynb").read_text())
     code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
-    assert len(code) == 6
+    assert len(code) == 7
     for cell in code:
         assert cell["outputs"] == [] and cell["execution_count"] is None
 
 
-def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
-    import nbclient  # With nbformat and ipykernel: the test requirements that run notebooks.
-    import nbformat
-    from PIL import Image
+FAKE_DRIVE = """from pathlib import Path
 
-    workdir = tmp_path / "notebook_run"
-    monkeypatch.setenv("ARCO_NOTEBOOK_SMOKE", "1")
-    monkeypatch.setenv("ARCO_NOTEBOOK_WORKDIR", str(workdir))
-    monkeypatch.setenv("ARCO_JAX_CACHE", str(tmp_path / "cache"))
+RECORD = Path(__file__).with_name("mounts.txt")
+
+
+def mount(mountpoint, force_remount=False, timeout_ms=120000, use_metadata_server=None):
+    with RECORD.open("a") as record:
+        record.write(mountpoint + "\\n")
+    (Path(mountpoint) / "MyDrive").mkdir(parents=True, exist_ok=True)
+"""
+
+
+def notebook_on_fake_drive(tmp_path, monkeypatch):
+    """(the notebook with WORKDIR_ON_DRIVE checked and Drive's mount point under tmp_path, the
+    mount point, the file where the stand-in drive.mount records its calls)."""
+    import nbformat
+
+    colab = tmp_path / "stubs" / "google" / "colab"  # No google/__init__.py: google stays a namespace package.
+    colab.mkdir(parents=True)
+    (colab / "__init__.py").write_text("")
+    (colab / "drive.py").write_text(FAKE_DRIVE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "stubs"), *filter(None, [
+        os.environ.get("PYTHONPATH")])]))
+    mount = tmp_path / "content" / "drive"
+    mount.parent.mkdir()
     notebook = nbformat.read(LAUNCH / "colab.ipynb", as_version=4)
+    [cell] = [c for c in notebook.cells if c.get("id") == "cell-drive"]
+    assert 'WORKDIR_ON_DRIVE = False' in cell.source and '"/content/drive/MyDrive/' in cell.source
+    cell.source = cell.source.replace("WORKDIR_ON_DRIVE = False", "WORKDIR_ON_DRIVE = True").replace(
+        '"/content/drive', f'"{mount}')  # What a user types into the form, with another mount point.
+    return notebook, mount, colab / "mounts.txt"
+
+
+def execute(notebook) -> str:
+    """Run every cell in a fresh kernel started in the repository; the text the cells printed."""
+    import nbclient  # With nbformat and ipykernel: the test requirements that run notebooks.
+
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(REPO)}})
     client.execute()  # Raises CellExecutionError, naming the cell, if any cell fails.
+    return "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
 
+
+@pytest.fixture(scope="module")
+def notebook_run(tmp_path_factory):
+    """The tiny notebook executed once with its workdir on the stand-in Drive: (the cells as
+    they were before running, the environment the kernel had, mount point, mount record,
+    printed text)."""
+    import copy
+
+    tmp_path = tmp_path_factory.mktemp("notebook")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("ARCO_NOTEBOOK_SMOKE", "1")
+        monkeypatch.delenv("ARCO_NOTEBOOK_WORKDIR", raising=False)
+        monkeypatch.setenv("ARCO_JAX_CACHE", str(tmp_path / "cache"))
+        notebook, mount, mounts = notebook_on_fake_drive(tmp_path, monkeypatch)
+        cells = copy.deepcopy(notebook.cells)
+        env = {k: os.environ[k] for k in ("ARCO_NOTEBOOK_SMOKE", "ARCO_JAX_CACHE", "PYTHONPATH")}
+        outputs = execute(notebook)
+    return cells, env, mount, mounts, outputs
+
+
+def test_notebook_runs_top_to_bottom_with_its_workdir_on_drive(notebook_run):
+    from PIL import Image
+
+    _, _, mount, mounts, outputs = notebook_run
+    workdir = mount / "MyDrive" / "arco_jax" / "notebook_demo"
+    assert mounts.read_text().splitlines() == [str(mount)]
+    assert f"workdir: {workdir}" in outputs
     assert not (REPO / "arco_jax_repo").exists(), "the install cell cloned inside a checkout"
     for name in ("loss_curves.png", "predictions.png"):
         with Image.open(workdir / name) as image:
             assert image.format == "PNG" and min(image.size) >= 300, (name, image.size)
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == 20 and "last" in results["test"]
-    outputs = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
     assert "Dice (%)" in outputs and "mean test Dice" in outputs
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if r["split"] == "train"] == [5, 10, 15, 20]
+
+
+def test_notebook_in_a_new_runtime_finds_its_run_on_drive(notebook_run, monkeypatch):
+    """A fresh kernel mounts Drive again and the train cell resumes the finished run there: it
+    only repeats the test report, nothing is trained or logged again."""
+    import nbformat
+
+    cells, env, mount, mounts, _ = notebook_run
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("ARCO_NOTEBOOK_WORKDIR", raising=False)
+    workdir = mount / "MyDrive" / "arco_jax" / "notebook_demo"
+    metrics = (workdir / "metrics.jsonl").read_text()
+    notebook = nbformat.v4.new_notebook(cells=[c for c in cells if c.get("id") in ("cell-2", "cell-drive",
+                                                                                  "cell-4", "cell-6")])
+    assert len(notebook.cells) == 4
+    outputs = execute(notebook)
+    assert mounts.read_text().splitlines() == [str(mount)] * 2
+    assert f"workdir: {workdir}" in outputs and "resumed from step 20" in outputs
+    assert (workdir / "metrics.jsonl").read_text() == metrics
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 20
+
+
+def drive_cell_functions() -> dict:
+    """The Drive cell's definitions (everything before it acts), run in a fresh namespace."""
+    notebook = json.loads((LAUNCH / "colab.ipynb").read_text())
+    source = "".join(next(c for c in notebook["cells"] if c.get("id") == "cell-drive")["source"])
+    namespace: dict = {"os": os, "Path": Path}
+    exec(source[:source.index("SMOKE = ")], namespace)  # noqa: S102
+    return namespace
+
+
+def test_notebook_drive_workdir_that_is_not_mounted_stops_with_one_message(tmp_path, monkeypatch):
+    import types
+
+    from arco_jax.errors import ConfigError
+
+    mount, workdir = tmp_path / "drive", str(tmp_path / "drive" / "MyDrive" / "runs" / "demo")
+    drive_workdir = drive_cell_functions()["drive_workdir"]
+    monkeypatch.setitem(sys.modules, "google.colab", None)  # Not on Colab: the import fails.
+    with pytest.raises(RuntimeError, match="not mounted at .*run this notebook on Colab, or uncheck WORKDIR_ON"):
+        drive_workdir(workdir, str(mount))
+    with pytest.raises(RuntimeError, match="is not on Google Drive: use a folder under .*/MyDrive/"):
+        drive_workdir(str(tmp_path / "elsewhere"), str(mount))
+    mounted = []  # On Colab with a mount that did not take (no MyDrive/ appeared): the trainer's message.
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda mountpoint: mounted.append(mountpoint))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    with pytest.raises(ConfigError, match="is on Google Drive, which is not mounted"):
+        drive_workdir(workdir, str(mount))
+    assert mounted == [str(mount)] and not mount.exists(), "something was written into the mount point"
+    (mount / "MyDrive").mkdir(parents=True)
+    assert drive_workdir(workdir, str(mount)) == Path(workdir) and mounted == [str(mount)] * 2
+
+
+def test_workdir_on_unmounted_drive_is_refused_before_anything_is_written(tmp_path):
+    from arco_jax import files
+    from arco_jax.errors import ConfigError
+
+    mount = tmp_path / "drive"
+    for path in (mount / "MyDrive" / "runs" / "a", mount / "Shareddrives" / "team" / "a", mount):
+        with pytest.raises(ConfigError) as error:
+            files.check_drive_mounted(str(path), str(mount))
+        message = str(error.value)
+        assert "\n" not in message and f"workdir {path} is on Google Drive, which is not mounted" in message
+        assert f"drive.mount('{mount}')" in message
+    files.check_drive_mounted(str(tmp_path / "drive2" / "run"), str(mount))  # Beside the mount point: not Drive.
+    files.check_drive_mounted(str(tmp_path / "run"), str(mount))
+    assert not mount.exists()
+    (mount / "MyDrive").mkdir(parents=True)
+    files.check_drive_mounted(str(mount / "MyDrive" / "runs" / "a"), str(mount))
+    files.check_drive_mounted(str(mount / "MyDrive" / ".." / "MyDrive" / "b"), str(mount))
+    # Every workdir path is checked against Colab's mount point, gs:// ones excepted.
+    assert str(files.workdir_path("gs://bucket/content/drive/run")) == "gs://bucket/content/drive/run"
+    if not os.path.isdir("/content/drive/MyDrive"):
+        with pytest.raises(ConfigError, match="/content/drive/MyDrive does not exist"):
+            files.workdir_path("/content/drive/MyDrive/runs/a")
+
+
+@pytest.mark.skipif(os.path.isdir("/content/drive/MyDrive"), reason="Google Drive is mounted here")
+def test_trainer_refuses_a_workdir_on_unmounted_drive_in_one_line():
+    existed = os.path.exists("/content")
+    result = subprocess.run([sys.executable, "-m", "arco_jax.main", "--config=configs/demo.py",
+                             "--workdir=/content/drive/MyDrive/arco_jax/demo"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "workdir /content/drive/MyDrive/arco_jax/demo is on Google Drive, which is not mounted (/content/drive/"
+        "MyDrive does not exist): mount it in a notebook cell first (from google.colab import drive; "
+        "drive.mount('/content/drive')), or set WORKDIR_ON_DRIVE = True in launch/colab.ipynb, or use a local "
+        "workdir"]
+    assert os.path.exists("/content") == existed and not os.path.exists("/content/drive/MyDrive")
 
 
 def install_cell_functions() -> dict:
