@@ -37,6 +37,7 @@ from etils import epath
 from arco_jax import evaluation, evaluators, files, inference
 from arco_jax.evaluators import cardiac
 from arco_jax.data import datasets, registry, ssl4mis
+from arco_jax.errors import ConfigError
 
 SPLITS = ("val", "test")
 SPACING_KEY = datasets.SPACING_KEY
@@ -162,7 +163,7 @@ def main(argv) -> None:
     f = flags.FLAGS
     try:
         report = evaluate_workdir(f.workdir, f.split, f.checkpoint, f.empty_policy, f.data_dir)
-    except (inference.WorkdirError, ssl4mis.DataError) as err:
+    except (inference.WorkdirError, ssl4mis.DataError, ConfigError) as err:  # ConfigError: e.g. Drive not mounted
         sys.exit(f"error: {err}")
     print(report.table)
     written = sorted(p.name for p in report.directory.iterdir() if p.name in ("per_case.csv", "summary.json", "table.md"))

@@ -50,6 +50,7 @@ from PIL import Image
 from arco_jax import files, inference
 from arco_jax.data import registry
 from arco_jax.data.ssl4mis import DataError
+from arco_jax.errors import ConfigError
 from arco_jax.evaluators import sliding_window
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -549,7 +550,7 @@ def main(argv) -> None:
     try:
         options = VolumeOptions(tta=f.tta, largest_component=f.largest_component, probabilities=f.probabilities)
         written = predict(f.workdir, f.input, f.output, f.checkpoint, f.png, f.label_ids, options)
-    except (InputError, inference.WorkdirError) as err:
+    except (InputError, inference.WorkdirError, ConfigError) as err:  # ConfigError: e.g. Drive not mounted
         sys.exit(f"error: {err}")
     # Volumes' slice overlays (<name>_png/slice_000.png ...) are counted, everything else named.
     predictions = [p for p in written if not (p.parent.name.endswith("_png") and p.name.startswith("slice_"))]
