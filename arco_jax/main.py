@@ -150,6 +150,8 @@ def main(argv):
     if FLAGS.multihost or any(v is not None for v in explicit.values()):
         jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
     from arco_jax import files, monitoring, train
+    from arco_jax.data.ssl4mis import DataError
+    from arco_jax.errors import ConfigError
 
     try:  # Before anything is read, written or compiled.
         files.workdir_path(FLAGS.workdir)  # A workdir on a Google Drive that is not mounted stops here.
@@ -165,6 +167,9 @@ def main(argv):
     except train.Preempted as preempted:
         print(preempted, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except (ConfigError, DataError) as error:  # A bad field or file: its one line names it.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

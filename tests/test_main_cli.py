@@ -58,3 +58,11 @@ def test_other_flag_errors_keep_abseils_message(tmp_path):
     result = _run("--config=configs/demo.py", "--bogus=1", workdir=tmp_path / "run")
     assert result.returncode == 1
     assert "FATAL Flags parsing error: Unknown command line flag 'bogus'" in result.stderr
+
+
+def test_a_bad_data_folder_stops_with_one_line(tmp_path):
+    result = _run("--config=configs/acdc.py", f"--config.data.data_dir={tmp_path / 'nowhere'}",
+                  workdir=tmp_path / "run")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"error: config.data.data_dir: '{tmp_path / 'nowhere'}' is not a directory" in result.stderr
