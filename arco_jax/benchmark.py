@@ -3,6 +3,7 @@ input-pipeline throughput.
 
   python -m arco_jax.benchmark --out=benchmarks.json                 # the standard set (2-D, ACDC)
   python -m arco_jax.benchmark --cases=la --out=la.json              # the 3-D set (Left Atrium)
+  python -m arco_jax.benchmark --cases=pascal --out=pascal.json      # DeepLabv3+ (Pascal VOC)
   python -m arco_jax.benchmark --cases=step:256,unet:256 --repeats=5  # chosen cases
 
 Step cases build a config file's state and a random batch of its shapes (no data is read):
@@ -10,10 +11,13 @@ Step cases build a config file's state and a random batch of its shapes (no data
   unet:<S>             the plain supervised UNet step (CE + Dice) at the same settings
   step3d:<D>x<H>x<W>   the full ARCO step of configs/la.py (VNet, 3-D head) on D x H x W patches
                        (depth first: the reference's 112 x 112 x 80 is step3d:80x112x112)
+  deeplab:<S>          the full ARCO step of configs/pascal.py (DeepLabv3+ ResNet-101, 256-d
+                       representation, ClassMix and colour jitter) on S x S crops (ReCo's 321)
 Options after ':' change the config: batch=L+U (labeled + unlabeled samples), remat=on|off
 (arco.remat_student; both config files leave it to auto: on for a single CPU device), dtype=float32|bfloat16 (model.dtype, the
 networks' compute type; parameters and optimizer stay float32), filters=N (the VNet's
-n_filters, 3-D cases only), stage1=on|off (off: pretrain.steps = 0, the state of a run
+n_filters, 3-D cases only), depth=N and width=F (the ResNet's depth and width, deeplab
+cases only), stage1=on|off (off: pretrain.steps = 0, the state of a run
 without stage 1; the step measured is stage 2's either way, with the state the trainer gives it).
 
   window3d:<D>x<H>x<W> the evaluator's sliding-window prediction (evaluators/sliding_window.py)
@@ -60,10 +64,13 @@ STANDARD_CASES = (
 # configs/la.py as it is: the step at the reference's patch and batch in both compute types, and
 # one LA-sized volume (UA-MT's processed volumes are about 88 slices of 140-180 px) by windows.
 LA_CASES = ("step3d:80x112x112", "step3d:80x112x112:dtype=bfloat16", "window3d:88x144x144")
-CASE_SETS = {"standard": STANDARD_CASES, "la": LA_CASES}
+# configs/pascal.py: the step at ReCo's crop and batch (10 + 10) compiled in both compute types
+# (never run: its compiled memory is the question), and timed on a CPU at 2 + 2.
+PASCAL_CASES = ("deeplab:321:run=off", "deeplab:321:dtype=bfloat16:run=off", "deeplab:321:batch=2+2")
+CASE_SETS = {"standard": STANDARD_CASES, "la": LA_CASES, "pascal": PASCAL_CASES}
 # The config file behind each case kind.
-CONFIG_FILES = {"step": "acdc", "unet": "acdc", "step3d": "la", "window3d": "la"}
-STEP_OPTIONS = ("batch", "remat", "dtype", "filters", "stage1", "run")
+CONFIG_FILES = {"step": "acdc", "unet": "acdc", "step3d": "la", "window3d": "la", "deeplab": "pascal"}
+STEP_OPTIONS = ("batch", "remat", "dtype", "filters", "depth", "width", "stage1", "run")
 WINDOW_OPTIONS = ("window", "stride", "dtype", "filters")
 
 FLAGS = flags.FLAGS
@@ -73,7 +80,7 @@ def _define_flags() -> None:
     """Defined only when run as a program, so importing this module (the study reads
     `environment`) never clashes with another program's flags."""
     flags.DEFINE_string("cases", "standard", "Comma-separated cases, or a set of them: "
-                        + ", ".join(CASE_SETS) + " (see STANDARD_CASES, LA_CASES).")
+                        + ", ".join(CASE_SETS) + " (see STANDARD_CASES, LA_CASES, PASCAL_CASES).")
     flags.DEFINE_integer("repeats", 5, "Timed calls per case after the compiling call.")
     flags.DEFINE_string("out", "", "Write the results as JSON here.")
     flags.DEFINE_string("one", "", "Run one case in this process and print its JSON (used internally).")
@@ -167,7 +174,7 @@ def _check_options(case_kind: str, options: dict, known: tuple[str, ...]) -> Non
 
 def step_config(config_file: str, spatial, *, batch: str | None = None, terms: str = "all",
                 remat: str | None = None, dtype: str | None = None, filters: str | None = None,
-                stage1: str | None = None):
+                depth: str | None = None, width: str | None = None, stage1: str | None = None):
     """A config file's config (configs/<config_file>.py) at patch size `spatial` (None: the
     file's), with the benchmark options applied: the one config every step and window case builds."""
     import importlib
@@ -189,6 +196,12 @@ def step_config(config_file: str, spatial, *, batch: str | None = None, terms: s
             raise ValueError(f"benchmark option filters={filters}: sets the VNet's n_filters; this config's model is "
                              f"{config.model.name!r}")
         config.model.vnet.n_filters = int(filters)
+    for option, value in (("depth", depth), ("width", width)):
+        if value is not None:
+            if config.model.name != "deeplabv3plus":
+                raise ValueError(f"benchmark option {option}={value}: sets the DeepLabv3+ ResNet's {option}; this "
+                                 f"config's model is {config.model.name!r}")
+            config.model.deeplabv3plus[option] = (int if option == "depth" else float)(value)  # validate() checks
     if spatial is not None:
         config.data.patch_size = tuple(spatial)
     if batch:
@@ -310,6 +323,11 @@ def run_step_case(config_file: str, spatial, terms: str, repeats: int, options: 
               "step_buffers_bytes": memory and memory["buffers"], "compiled_memory": memory}
     if config.model.name == "vnet":
         result["vnet_filters"] = config.model.vnet.n_filters
+    if config.model.name == "deeplabv3plus":
+        result["resnet_depth"] = config.model.deeplabv3plus.depth
+        result["resnet_width"] = config.model.deeplabv3plus.width
+        result["output_stride"] = config.model.deeplabv3plus.output_stride
+        result["augment_mix"] = config.augment.mix
     if remat:
         result["compiled_memory_without_remat"] = plain_memory
     return result
@@ -472,11 +490,11 @@ def run_pipeline_case(size: int, repeats: int) -> dict:
 
 def run_case(case: str, repeats: int) -> dict:
     kind, args, options = _parse(case)
-    if kind in ("step", "unet", "step3d"):
+    if kind in ("step", "unet", "step3d", "deeplab"):
         _check_options(kind, options, STEP_OPTIONS)
         spatial = _spatial(args[0], 2 if kind != "step3d" else 3)
         result = run_step_case(CONFIG_FILES[kind], spatial, "sup" if kind == "unet" else "all", repeats, options)
-        if kind != "step3d":
+        if kind not in ("step3d", "deeplab"):
             result = {"size": spatial[0], **result}
     elif kind == "window3d":
         _check_options(kind, options, WINDOW_OPTIONS)
@@ -486,8 +504,8 @@ def run_case(case: str, repeats: int) -> dict:
     elif kind == "pipeline":
         result = run_pipeline_case(int(args[0]), repeats)
     else:
-        raise ValueError(f"unknown benchmark case {case!r}; known kinds: step, unet, step3d, window3d, sampler, "
-                         "pipeline")
+        raise ValueError(f"unknown benchmark case {case!r}; known kinds: step, unet, step3d, deeplab, window3d, "
+                         "sampler, pipeline")
     return {"case": case, "kind": kind, **result, "environment": environment()}
 
 
@@ -532,7 +550,7 @@ def _gib(value: float) -> str:
 def summary_line(result: dict) -> str:
     if "error" in result:
         return f"{result['case']:<24} FAILED: {result['error']}"
-    if result["kind"] in ("step", "unet", "step3d"):
+    if result["kind"] in ("step", "unet", "step3d", "deeplab"):
         rate = result.get("gflops_per_s")
         if "median_s" in result:
             line = (f"{result['case']:<24} {result['median_s']:8.3f} s/step  compile+first "

@@ -106,3 +106,26 @@ def test_window_case_counts_windows_and_times_one_volume():
     assert result["windows"] == 2 * 2 * 2 and result["window_batches"] == 2  # batches of 4 (configs/la.py)
     assert result["median_s"] > 0 and result["seconds_per_window"] == result["median_s"] / 8
     assert result["flops"] > 0 and "s/volume" in benchmark.summary_line(result)
+
+
+def test_deeplab_case_takes_configs_pascal_and_its_backbone_options():
+    pascal = benchmark.step_config("pascal", None)
+    assert pascal.data.patch_size == (321, 321) and (pascal.data.batch_labeled, pascal.data.batch_unlabeled) == (10, 10)
+    assert pascal.model.name == "deeplabv3plus" and pascal.model.deeplabv3plus.depth == 101
+    assert pascal.model.rep_dim == 256 and pascal.augment.mix == "classmix"
+    toy = benchmark.step_config("pascal", (65, 65), batch="2+2", depth="18", width="0.25")
+    assert toy.model.deeplabv3plus.depth == 18 and toy.model.deeplabv3plus.width == 0.25
+    with pytest.raises(ValueError, match="DeepLabv3\\+ ResNet's depth"):
+        benchmark.step_config("acdc", (64, 64), depth="18")
+    with pytest.raises(ValueError, match="2-D size"):
+        benchmark.run_case("deeplab:65x65x65", repeats=1)
+    assert benchmark.expand_cases("pascal") == list(benchmark.PASCAL_CASES)
+
+
+@pytest.mark.slow  # about 80 s of compilation on two cores
+def test_deeplab_step_case_reports_compiled_memory():
+    result = benchmark.run_case("deeplab:65:batch=2+2:depth=18:width=0.25:remat=off:run=off", repeats=1)
+    assert result["kind"] == "deeplab" and result["model"] == "deeplabv3plus" and result["patch_size"] == [65, 65]
+    assert result["resnet_depth"] == 18 and result["rep_dim"] == 256 and result["batch"] == "2+2"
+    _check_memory(result["compiled_memory"])
+    assert "not run" in benchmark.summary_line(result)
