@@ -168,7 +168,7 @@ def main(argv):
         print(preempted, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     except (ConfigError, DataError) as error:  # A bad field or file: its one line names it.
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{type(error).__name__}: {error}", file=sys.stderr)
         sys.exit(1)
 
 

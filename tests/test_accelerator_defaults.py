@@ -231,6 +231,7 @@ def test_similarities_that_select_or_scale_a_term_are_pinned():
     assert dot_precisions(kl) == [HIGHEST, HIGHEST]
 
 
+@pytest.mark.slow  # 57 s (UNet) and 92 s (VNet) on 2 cores: more than the suite's budget allows
 @pytest.mark.parametrize("name, shape", [("unet", (2, 32, 32, 1)), ("vnet", (1, 16, 16, 16, 1))])
 def test_bfloat16_networks_compute_their_logits_in_float32(name, shape):
     """The output conv runs in float32 on the bfloat16 features: the logits are those of the

@@ -529,6 +529,7 @@ def test_notebook_runs_top_to_bottom_with_its_workdir_on_drive(notebook_run):
     assert [r["step"] for r in metrics if r["split"] == "train"] == [5, 10, 15, 20]
 
 
+@pytest.mark.slow  # a second kernel and a resume: 11-30 s
 def test_notebook_in_a_new_runtime_finds_its_run_on_drive(notebook_run, monkeypatch):
     """A fresh kernel mounts Drive again and the train cell resumes the finished run there: it
     only repeats the test report, nothing is trained or logged again."""

@@ -65,4 +65,4 @@ def test_a_bad_data_folder_stops_with_one_line(tmp_path):
                   workdir=tmp_path / "run")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert f"error: config.data.data_dir: '{tmp_path / 'nowhere'}' is not a directory" in result.stderr
+    assert f"ConfigError: config.data.data_dir: '{tmp_path / 'nowhere'}' is not a directory" in result.stderr
