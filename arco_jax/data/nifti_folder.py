@@ -258,22 +258,27 @@ def _geometry(image) -> tuple[tuple[int, ...], np.ndarray]:
     return tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, np.float64)
 
 
+def check_same_grid(path: Path, image, reference_path: Path, reference) -> None:
+    """`image` (read from `path`) has the shape and affine of `reference` (headers only): the
+    one check of every pair of files that must lie on one voxel grid."""
+    (shape, affine), (reference_shape, reference_affine) = _geometry(image), _geometry(reference)
+    if shape != reference_shape:
+        raise DataError(f"{path}: shape {shape} differs from {reference_path.name}'s {reference_shape}")
+    if not np.allclose(affine, reference_affine, atol=AFFINE_TOLERANCE, rtol=0):
+        worst = float(np.abs(affine - reference_affine).max())
+        raise DataError(f"{path}: affine differs from {reference_path.name}'s by up to {worst:.4g} mm (the images "
+                        "and label of a case must lie on one grid)")
+
+
 def check_case_headers(root: Path, case: str, description: FolderDescription) -> bool:
     """Every file of a case is a NIfTI image, and label and channels share the first channel's
     shape and affine (headers only: no voxel is read). True for a 2-D case (one slice)."""
     ending = description.file_ending
     first = channel_path(root, case, 0, ending)
     image = _load(first)
-    shape, affine = _geometry(image)
     others = [channel_path(root, case, c, ending) for c in range(1, len(description.channel_names))]
     for path in [*others, label_path(root, case, ending)]:
-        other_shape, other_affine = _geometry(_load(path))
-        if other_shape != shape:
-            raise DataError(f"{path}: shape {other_shape} differs from {first.name}'s {shape}")
-        if not np.allclose(other_affine, affine, atol=AFFINE_TOLERANCE, rtol=0):
-            worst = float(np.abs(other_affine - affine).max())
-            raise DataError(f"{path}: affine differs from {first.name}'s by up to {worst:.4g} mm (image and label "
-                            "must lie on one grid)")
+        check_same_grid(path, _load(path), first, image)
     return is_single_slice(image)
 
 
@@ -703,12 +708,9 @@ def prepare_scan(plan: dict, paths: list) -> registry.PreparedScan:
         raise DataError(f"{paths[0]}: {len(paths)} channel file(s), the run was trained on "
                         f"{len(plan['normalization'])}")
     images = [_load(path) for path in paths]
-    shape, affine = _geometry(images[0])
+    affine = _geometry(images[0])[1]
     for path, image in zip(paths[1:], images[1:]):
-        other_shape, other_affine = _geometry(image)
-        if other_shape != shape or not np.allclose(other_affine, affine, atol=AFFINE_TOLERANCE, rtol=0):
-            raise DataError(f"{path}: shape {other_shape} or affine differs from {paths[0].name}'s: the channels of a "
-                            "scan must lie on one grid")
+        check_same_grid(path, image, paths[0], images[0])
     channels = []
     for path, image in zip(paths, images):
         try:

@@ -19,9 +19,6 @@ import numpy as np
 from arco_jax.data import nifti_folder
 from arco_jax.data.ssl4mis import DataError
 
-AFFINE_TOLERANCE = nifti_folder.AFFINE_TOLERANCE
-
-
 def load_volume(path: Path):
     """A 3-D NIfTI image (errors name the file)."""
     try:
@@ -36,13 +33,7 @@ def load_volume(path: Path):
 def check_pair(image_path: Path, label_path: Path):
     """(image, label) NIfTI images on one grid (headers only)."""
     image, label = load_volume(image_path), load_volume(label_path)
-    if tuple(label.shape) != tuple(image.shape):
-        raise DataError(f"{label_path}: shape {tuple(label.shape)} differs from {image_path.name}'s "
-                        f"{tuple(image.shape)}")
-    if not np.allclose(label.affine, image.affine, atol=AFFINE_TOLERANCE, rtol=0):
-        worst = float(np.abs(label.affine - image.affine).max())
-        raise DataError(f"{label_path}: affine differs from {image_path.name}'s by up to {worst:.4g} mm (image and "
-                        "label must lie on one grid)")
+    nifti_folder.check_same_grid(label_path, label, image_path, image)
     return image, label
 
 
