@@ -1,11 +1,16 @@
 """Test setup: two fake CPU devices for the data-parallel paths, deterministic float32, and one
 persistent compilation cache for the whole session (subprocesses inherit it through the
-environment), so a step that several test files compile is compiled once."""
+environment, xdist workers included), so a step that several test files compile is compiled once.
+The process that made the cache removes it at exit."""
+import atexit
 import os
+import shutil
 import tempfile
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="arco_jax_test_compile_cache_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="arco_jax_test_compile_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
