@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,6 +21,7 @@ from arco_jax import models
 from arco_jax.config import ConfigError, base_config, validate
 from arco_jax.data import registry
 from arco_jax.models import convert_torchvision as convert
+from arco_jax.models.conv import Conv2d
 from arco_jax.models.deeplab import DeepLabHead, DeepLabV3Plus
 from arco_jax.models.heads import resize_bilinear_align_corners
 from arco_jax.models.resnet import ResNet, layer_plan
@@ -170,19 +172,18 @@ def test_shapes_strides_and_dtypes(tiny, output_stride):
         jax.eval_shape(lambda v: other.apply(v, jnp.zeros((1, 33, 33, 1)), train=False), variables)
 
 
-def convolutions(jaxpr):
-    """(window_strides, rhs_dilation, kernel spatial shape) of each convolution, in execution order."""
+def convolutions(module, variables, x):
+    """(stride, dilation, kernel size) of each convolution module, in execution order (every conv of
+    the ResNet and DeepLab is a `Conv2d`: how it is lowered is tests/test_conv.py's business)."""
     found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval.shape
-            found.append((eqn.params["window_strides"][0], eqn.params["rhs_dilation"][0], kernel[0]))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    found += convolutions(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    found += convolutions(sub)
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Conv2d) and context.method_name == "__call__":
+            found.append((context.module.stride, context.module.dilation, context.module.kernel_size))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: module.apply(v, x, train=False), variables)
     return found
 
 
@@ -193,7 +194,7 @@ def test_dilation_placement(tiny, output_stride):
     dilation, the rest take the new one), then the ASPP rates."""
     _, variables, x, _ = tiny
     model = models.build_segmenter(deeplab_config(output_stride=output_stride).model, NUM_CLASSES, 3)
-    found = convolutions(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables).jaxpr)
+    found = convolutions(model, variables, x)
 
     def basic_layer(stride, old, new):  # block 0: conv1, conv2, downsample; block 1: conv1, conv2
         return [(stride, old, 3), (1, new, 3), (stride, 1, 1), (1, new, 3), (1, new, 3)]
@@ -212,7 +213,7 @@ def test_dilation_placement(tiny, output_stride):
     # Bottlenecks (v1.5: the stride on the 3x3 conv), output stride 8.
     resnet = ResNet(50, width=WIDTH, replace_stride_with_dilation=(False, True, True))
     resnet_vars = jax.eval_shape(lambda: resnet.init(jax.random.key(0), x, train=False))
-    found = convolutions(jax.make_jaxpr(lambda v: resnet.apply(v, x, train=False))(resnet_vars).jaxpr)
+    found = convolutions(resnet, resnet_vars, x)
     three = [(stride, dilation) for stride, dilation, size in found if size == 3]
     assert three == [(1, 1)] * 3 + [(2, 1)] + [(1, 1)] * 3 + [(1, 1)] + [(1, 2)] * 5 + [(1, 2)] + [(1, 4)] * 2
     assert [stride for stride, _, size in found if size == 1 and stride == 2] == [2]  # layer2's downsample only

@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arco_jax.models.conv import Conv2d
 from arco_jax.models.heads import align_corners_taps, resize_bilinear_align_corners, upsampling_adjoint
 from arco_jax.models.resnet import ResNet, dilation_for_output_stride
 from arco_jax.models.unet import batch_norm, uniform_fan_in
@@ -78,10 +79,9 @@ class ConvBNReLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         pad = self.dilation * (self.kernel - 1) // 2
-        x = nn.Conv(self.features, (self.kernel, self.kernel), padding=((pad, pad), (pad, pad)),
-                    kernel_dilation=(self.dilation, self.dilation), use_bias=False,
-                    kernel_init=uniform_fan_in(x.shape[-1] * self.kernel ** 2), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="conv")(x)
+        x = Conv2d(self.features, self.kernel, 1, self.dilation, pad, use_bias=False,
+                   kernel_init=uniform_fan_in(x.shape[-1] * self.kernel ** 2), dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="conv")(x)
         return nn.relu(batch_norm(train, self.dtype, self.param_dtype, "bn")(x))
 
 
@@ -140,9 +140,9 @@ class DeepLabV3Plus(nn.Module):
         z = jnp.concatenate([low, resize_bilinear_align_corners(aspp, low.shape[1:3])], axis=-1)
         hidden = ConvBNReLU(DECODER_CHANNELS, 3, **args, name="classifier")(z, train=train)
         # The output conv in float32 (as the UNet's): logits are not rounded to bfloat16.
-        logits = nn.Conv(self.num_classes, (1, 1), kernel_init=uniform_fan_in(DECODER_CHANNELS),
-                         bias_init=uniform_fan_in(DECODER_CHANNELS), **{**args, "dtype": jnp.float32},
-                         name="classifier_out")(hidden)
+        logits = Conv2d(self.num_classes, 1, kernel_init=uniform_fan_in(DECODER_CHANNELS),
+                        bias_init=uniform_fan_in(DECODER_CHANNELS), **{**args, "dtype": jnp.float32},
+                        name="classifier_out")(hidden)
         representation = ConvBNReLU(DECODER_CHANNELS, 3, **args, name="representation")(z, train=train)
         logits = resize_bilinear_align_corners(logits, x.shape[1:3])
         grid = jnp.zeros(x.shape[:3] + (0,), self.dtype)

@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from arco_jax.models.conv import Conv2d
 from arco_jax.models.unet import batch_norm
 
 Dtype = Any
@@ -107,12 +108,12 @@ def layer_plan(replace_stride_with_dilation=(False, False, False)) -> tuple[tupl
 
 
 def _conv(features: int, kernel: int, stride: int, dilation: int, name: str, dtype: Dtype,
-          param_dtype: Dtype) -> nn.Conv:
-    """A bias-free conv with PyTorch's symmetric padding (dilation * (kernel - 1) / 2 per side)."""
+          param_dtype: Dtype) -> Conv2d:
+    """A bias-free conv with PyTorch's symmetric padding (dilation * (kernel - 1) / 2 per side);
+    `Conv2d` is nn.Conv's parameters and result with gradients XLA:CPU runs fast in loops."""
     pad = dilation * (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   kernel_dilation=(dilation, dilation), use_bias=False, kernel_init=KAIMING_FAN_OUT,
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+    return Conv2d(features, kernel, stride, dilation, pad, use_bias=False, kernel_init=KAIMING_FAN_OUT,
+                  dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class Downsample(nn.Module):
