@@ -27,9 +27,11 @@ Strong view order (as in the reference train step): CutMix with the next image i
 then per-sample brightness/contrast jitter (p=.5), then per-sample Gaussian blur (p=.5), then,
 once per batch with p=.5, a small smooth diffeomorphic warp. Mixing comes first, so jitter,
 blur and warp treat the pasted box and its surroundings as one image. ReCo's natural-image
-view (config.augment) swaps in ClassMix for CutMix, the RGB colour jitter (brightness,
-contrast, saturation, hue in random order, p=.8) for the intensity jitter, no warp, and a
-per-sample horizontal flip at the end.
+view (config.augment) starts with a random rescale of image, pseudo-labels and confidences
+(random_rescale), swaps in ClassMix for CutMix, the RGB colour jitter (brightness, contrast,
+saturation, hue in random order, p=.8) for the intensity jitter, no warp, and a per-sample
+horizontal flip at the end; its labeled images get the jitter and blur too
+(labeled_photometric).
 """
 
 from __future__ import annotations
@@ -587,6 +589,76 @@ def warp_affine(x: Array, matrices: Array, *, order: int, cval: float = 0.0) -> 
     return resample(x, sampled_pixels[..., ::-1], order=order, cval=cval)
 
 
+# ----------------------------------------------------------------------------- random rescale
+
+def _reflect_index(position: Array, size: Array) -> Array:
+    """numpy.pad(mode='reflect') of an axis of `size` (>= 1) samples: where canvas position
+    `position` (>= 0) reads, reflecting about the edge samples again and again when the pad is
+    longer than the axis."""
+    period = jnp.maximum(2 * (size - 1), 1)
+    folded = jnp.mod(position, period)
+    return jnp.where(size == 1, 0, jnp.where(folded < size, folded, period - folded))
+
+
+def _axis_weights(canvas: Array, resized: Array, size: int) -> Array:
+    """(L, size) rows of PIL's bilinear resize of an axis of `size` to `resized` samples (a
+    triangle on pixel centres, stretched by the reduction factor when shrinking: PIL's
+    antialiasing), each row the resized sample that canvas position `canvas` (L,) shows after
+    reflection padding."""
+    ratio = size / resized.astype(jnp.float32)
+    support = jnp.maximum(ratio, 1.0)
+    centre = (_reflect_index(canvas, resized).astype(jnp.float32) + 0.5) * ratio - 0.5
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(jnp.arange(size, dtype=jnp.float32) - centre[:, None]) / support)
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
+
+
+def rescale_crop(images: Array, labels: Array, confidences: Array, scales: Array, offsets: Array, *,
+                 fill_label: int) -> tuple[Array, Array, Array]:
+    """ReCo's transform(..., scale_size, augmentation=False) of a batch, with its draws given:
+    sample b is resized to int(size * scales[b]) along every spatial axis (the image by PIL's
+    bilinear filter, labels and confidences by PIL's nearest: source floor((i + .5) size / n)),
+    padded at the end of each axis to at least its old size (the image by reflection, labels
+    with `fill_label`, confidences with 0, so padding is never a pseudo-label) and cropped back
+    to the old shape from offsets[b] (B, r) (in [0, max(n - size, 0)] per axis). Static shapes:
+    each axis is one (B, size, size) matrix (image) or index vector (labels)."""
+    rank = _check_batch("rescale_crop", images, labels, confidences)
+    spatial = images.shape[1:rank + 1]
+    inside = jnp.ones(labels.shape, bool)
+    for axis, size in enumerate(spatial):
+        resized = jnp.maximum(jnp.floor(size * scales).astype(jnp.int32), 1)  # (B,)
+        canvas = jnp.arange(size)[None, :] + offsets[:, axis:axis + 1]  # (B, size)
+        weights = jax.vmap(_axis_weights, in_axes=(0, 0, None))(canvas, resized, size)
+        source = jnp.floor((jnp.minimum(canvas, resized[:, None] - 1) + 0.5) * size / resized[:, None])
+        source = jnp.clip(source.astype(jnp.int32), 0, size - 1)
+        images = jax.vmap(lambda x, w, a=axis: jnp.moveaxis(
+            jnp.tensordot(w, x, axes=([1], [a]), precision=jax.lax.Precision.HIGHEST), 0, a))(images, weights)
+        labels, confidences = (jax.vmap(lambda x, i, a=axis: jnp.take(x, i, axis=a))(x, source)
+                               for x in (labels, confidences))
+        within = canvas < resized[:, None]
+        shape = [labels.shape[0]] + [1] * rank
+        shape[axis + 1] = size
+        inside = inside & within.reshape(shape)
+    return (images, jnp.where(inside, labels, jnp.asarray(fill_label, labels.dtype)),
+            jnp.where(inside, confidences, jnp.zeros((), confidences.dtype)))
+
+
+def random_rescale(key: Array, images: Array, labels: Array, confidences: Array, *,
+                   scale_range: tuple[float, float], fill_label: int) -> tuple[Array, Array, Array]:
+    """ReCo's random rescale of the unlabeled batch with the teacher's pseudo-labels and
+    confidences, before mixing (train_semisup.py: batch_transform(..., scale_size,
+    apply_augmentation=False)): one scale per sample uniform in `scale_range`, the crop's start
+    uniform over the positions that fit (RandomCrop), then `rescale_crop`."""
+    rank = _check_batch("random_rescale", images, labels, confidences)
+    batch, spatial = images.shape[0], images.shape[1:rank + 1]
+    scale_key, *offset_keys = jax.random.split(key, rank + 1)
+    scales = jax.random.uniform(scale_key, (batch,), minval=scale_range[0], maxval=scale_range[1])
+    offsets = []
+    for offset_key, size in zip(offset_keys, spatial):
+        resized = jnp.maximum(jnp.floor(size * scales).astype(jnp.int32), 1)
+        offsets.append(jax.random.randint(offset_key, (batch,), 0, jnp.maximum(resized - size, 0) + 1))
+    return rescale_crop(images, labels, confidences, scales, jnp.stack(offsets, axis=1), fill_label=fill_label)
+
+
 # ----------------------------------------------------------------------------- strong view
 
 def photometric_and_warp(key: Array, images: Array, labels: Array, confidences: Array, *,
@@ -619,16 +691,39 @@ def photometric_and_warp(key: Array, images: Array, labels: Array, confidences: 
     return images, labels, confidences
 
 
+def labeled_photometric(key: Array, images: Array, *, jitter_prob: float, blur_prob: float,
+                        value_range: ValueRange = UNIT_RANGE, colour: Optional[ColourJitter] = None) -> Array:
+    """ReCo's photometric steps of the labeled view (build_data.transform(..., augmentation=True)):
+    the jitter (colour_jitter with `colour`, else intensity_jitter clipped to `value_range`) per
+    sample with p=`jitter_prob`, then gaussian_blur per sample with p=`blur_prob`. The labels stay
+    as they are: neither step moves a pixel. Settings must be static."""
+    _image_spatial_rank("labeled_photometric", images)
+    jitter_key, blur_key = jax.random.split(key)
+    if colour is None:
+        images = intensity_jitter(jitter_key, images, p=jitter_prob, value_range=value_range)
+    else:
+        images = colour_jitter(jitter_key, images, p=jitter_prob, settings=colour)
+    return gaussian_blur(blur_key, images, p=blur_prob)
+
+
 def strong_augment(key: Array, images: Array, labels: Array, confidences: Array, *,
                    warp_labels: bool, warp_prob: float = 0.5, value_range: ValueRange = UNIT_RANGE,
                    mix: str = "cutmix", num_classes: Optional[int] = None, jitter_prob: float = 0.5,
-                   colour: Optional[ColourJitter] = None, blur_prob: float = 0.5, flip_prob: float = 0.0
+                   colour: Optional[ColourJitter] = None, blur_prob: float = 0.5, flip_prob: float = 0.0,
+                   rescale: Optional[tuple[float, float]] = None, fill_label: Optional[int] = None
                    ) -> tuple[Array, Array, Array]:
-    """The strong view of the unlabeled batch, in the reference's order: `mix` ('cutmix' or
-    'classmix', which needs `num_classes`; partner (b+1) % B) with `key`, then
-    `photometric_and_warp` with fold_in(key, 1). The one builder of the strong view: the train
-    step and the variance study call it (objective.strong_view, settings from config.augment)."""
+    """The strong view of the unlabeled batch, in the reference's order: with `rescale` (a scale
+    range, ReCo's) first `random_rescale` with fold_in(key, 2), padding labels with `fill_label`
+    (a value that is no class); then `mix` ('cutmix' or 'classmix', which needs `num_classes`;
+    partner (b+1) % B) with `key`, then `photometric_and_warp` with fold_in(key, 1). The one
+    builder of the strong view: the train step and the variance study call it
+    (objective.strong_view, settings from config.augment)."""
     _check_batch("strong_augment", images, labels, confidences)
+    if rescale is not None:
+        if fill_label is None:
+            raise ValueError("augment.strong_augment: rescale needs fill_label, the label of padded pixels")
+        images, labels, confidences = random_rescale(jax.random.fold_in(key, 2), images, labels, confidences,
+                                                     scale_range=rescale, fill_label=fill_label)
     if mix == "cutmix":
         images, labels, confidences = cutmix(key, images, labels, confidences)
     elif mix == "classmix":
@@ -653,8 +748,11 @@ __all__ = [
     "horizontal_flip",
     "hsv_to_rgb",
     "intensity_jitter",
+    "labeled_photometric",
     "photometric_and_warp",
+    "random_rescale",
     "random_similarity",
+    "rescale_crop",
     "resample",
     "rgb_to_hsv",
     "smooth_displacement",

@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
     # v5litepod-8's 8 chips. Resolved when the run starts and recorded in config.json.
     c.data.mesh_devices = ml_collections.config_dict.placeholder(int)
     c.data.num_workers = 2  # Grain worker processes per host (0: read in the main process).
+    # The unlabeled stream's host view, a key of data/pipeline.py WEAK_AUGMENTATIONS of the same
+    # kind as the dataset's own; '': the dataset's weak view, as the labeled stream's ('crop': ReCo's
+    # unlabeled natural images, a random crop without scaling or flipping).
+    c.data.unlabeled_view = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
@@ -142,6 +146,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment.blur_prob = 0.5  # Gaussian blur, per sample.
     c.augment.warp_prob = 0.5  # Smooth warp, per batch (ReCo has none: 0).
     c.augment.flip_prob = 0.0  # Horizontal flip of image, pseudo-labels and confidences, per sample (ReCo: 0.5).
+    # Before mixing, rescale each unlabeled image with its pseudo-labels and confidences by a factor
+    # uniform in this range, then crop or pad back to the patch (padding: no class, confidence 0);
+    # (1.0, 1.0) does nothing (ReCo: its scale range, (0.5, 1.5) on Pascal and SUN RGB-D).
+    c.augment.unlabeled_scale = (1.0, 1.0)
+    # The labeled images' jitter (augment.jitter's kind and ranges) and blur, per sample, labels
+    # unchanged, for every stage-2 method (ReCo's labeled view: 0.8 and 0.5; 0: off).
+    c.augment.labeled_jitter_prob = 0.0
+    c.augment.labeled_blur_prob = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 0.01
@@ -376,6 +388,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None, *, p
         _fail("loss_weights", f"unknown terms {sorted(extra)}; known: {', '.join(LOSS_TERMS)}")
     _choice(c.loss.supervised, "loss.supervised", SUPERVISED_LOSSES)
     _validate_augment(c)
+    _validate_unlabeled_view(c)
     _choice(c.method, "method", methods.method_names())
     for field, problem in methods.method_conflicts(c) + methods.variant_conflicts(c):
         _fail(field, problem)
@@ -401,7 +414,7 @@ def _validate_augment(c: ml_collections.ConfigDict) -> None:
     g = c.augment
     _choice(g.mix, "augment.mix", MIXES)
     _choice(g.jitter, "augment.jitter", JITTERS)
-    for field in ("jitter_prob", "blur_prob", "warp_prob", "flip_prob"):
+    for field in ("jitter_prob", "blur_prob", "warp_prob", "flip_prob", "labeled_jitter_prob", "labeled_blur_prob"):
         if not (isinstance(g[field], (int, float)) and 0.0 <= g[field] <= 1.0):
             _fail(f"augment.{field}", f"is a probability in [0, 1], got {g[field]!r}")
     for field, high in (("saturation", 1.0), ("hue", 0.5)):
@@ -410,11 +423,29 @@ def _validate_augment(c: ml_collections.ConfigDict) -> None:
         if g[field] and g.jitter != "colour":
             _fail(f"augment.{field}", f"{g[field]} is drawn by the 'colour' jitter only (augment.jitter is "
                   f"{g.jitter!r})")
+    scale = g.unlabeled_scale
+    if not (isinstance(scale, (tuple, list)) and len(scale) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+            and 0.0 < scale[0] <= scale[1]):
+        _fail("augment.unlabeled_scale", f"must be (low, high) with 0 < low <= high ((1.0, 1.0): off), got {scale!r}")
     if g.jitter == "colour":
         intensity = registry.info(c).intensity
         if c.data.in_channels != 3 or intensity not in ("imagenet", "minmax"):
             _fail("augment.jitter", f"'colour' needs RGB images (3 channels, in [0, 1] or ImageNet-normalised); "
                   f"dataset {c.data.dataset!r} has {c.data.in_channels} channel(s), intensity {intensity!r}")
+
+
+def _validate_unlabeled_view(c: ml_collections.ConfigDict) -> None:
+    from arco_jax.data import pipeline  # pylint: disable=import-outside-toplevel  (grain: only when validating)
+
+    view, own = c.data.unlabeled_view, registry.info(c).weak_augment
+    if view == "":
+        return
+    _choice(view, "data.unlabeled_view", ("",) + tuple(pipeline.WEAK_AUGMENTATIONS))
+    fits = pipeline.NATURAL_VIEWS if own in pipeline.NATURAL_VIEWS else (own,)
+    if view not in fits:
+        _fail("data.unlabeled_view", f"{view!r} is not a view of what dataset {c.data.dataset!r} gives (its weak "
+              f"view is {own!r}; {', '.join(map(repr, fits))} fit)")
 
 
 def _validate_pretrain(c: ml_collections.ConfigDict) -> None:

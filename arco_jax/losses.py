@@ -64,15 +64,23 @@ def supervised_loss(logits: jax.Array, labels: jax.Array, ignore_label: int | No
 
 
 def pseudo_label_loss(logits: jax.Array, pseudo_labels: jax.Array, confidence: jax.Array,
-                      threshold: float) -> jax.Array:
+                      threshold: float, valid: jax.Array | None = None) -> jax.Array:
     """Confidence-weighted pseudo-label CE (reference `compute_unsupervised_loss`).
 
     Each image is weighted by the fraction of its pixels whose teacher confidence reaches
-    `threshold`; the weighted CE is averaged over the pixels whose CE is positive.
+    `threshold`; the weighted CE is averaged over the pixels whose CE is positive. With `valid`
+    (pseudo-labels shape, bool), as ReCo's ignore index -1: the other pixels have no CE and the
+    fraction is of the valid pixels (their pseudo-labels may be any value).
     """
     batch = logits.shape[0]
-    weight = jnp.mean((confidence.reshape(batch, -1) >= threshold).astype(jnp.float32), axis=1)
-    ce = cross_entropy(logits, pseudo_labels)
+    confident = confidence.reshape(batch, -1) >= threshold
+    if valid is None:
+        weight = jnp.mean(confident.astype(jnp.float32), axis=1)
+        ce = cross_entropy(logits, pseudo_labels)
+    else:
+        flat = valid.reshape(batch, -1)
+        weight = jnp.sum(confident & flat, axis=1) / jnp.maximum(jnp.sum(flat, axis=1), 1)
+        ce = jnp.where(valid, cross_entropy(logits, jnp.where(valid, pseudo_labels, 0)), 0.0)
     counted = ~(ce <= 0)  # Also counts NaN, so a broken prediction cannot hide as a 0 loss.
     weighted = weight.reshape((batch,) + (1,) * (ce.ndim - 1)) * ce  # (B, 1, 1) or (B, 1, 1, 1)
     return jnp.sum(jnp.where(counted, weighted, 0.0)) / jnp.maximum(jnp.sum(counted), 1)

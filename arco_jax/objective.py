@@ -27,7 +27,8 @@ import ml_collections
 
 from arco_jax import augment, losses, memory, parallel, sampling
 from arco_jax.consistency import consistency_term, consistency_weight
-from arco_jax.core import Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward, teacher_pass
+from arco_jax.core import (STAGE2_KEY_NAMES, Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward,
+                           teacher_pass)
 from arco_jax.data import registry
 
 TERMS = ("sup", "unsup", "contrast", "eqv", "nn", "consistency")  # what arco_loss reports
@@ -338,33 +339,70 @@ def pooled_embedding(fwd: Forward, which: str, inputs: HeadInputs, grid_size: in
     return losses.l2_normalize(reps.reshape(batch, -1))
 
 
-def strong_view_settings(config: ml_collections.ConfigDict, nets: Networks) -> dict:
-    """augment.strong_augment's keyword settings from config.augment (mix, jitter, blur, warp,
-    flip) and arco.warp_pseudo_labels. The colour jitter undoes the ImageNet normalisation of
-    'imagenet' datasets first (it acts on RGB in [0, 1]); 'minmax' images already are."""
+def _colour_settings(config: ml_collections.ConfigDict):
+    """augment.ColourJitter of config.augment for jitter 'colour' (None for 'intensity'). It undoes
+    the ImageNet normalisation of 'imagenet' datasets first (it acts on RGB in [0, 1]); 'minmax'
+    images already are."""
     g = config.augment
-    colour = None
-    if g.jitter == "colour":
-        mean = std = None
-        if registry.info(config).intensity == "imagenet":
-            from arco_jax.data.natural import IMAGENET_MEAN, IMAGENET_STD  # pylint: disable=import-outside-toplevel
+    if g.jitter != "colour":
+        return None
+    mean = std = None
+    if registry.info(config).intensity == "imagenet":
+        from arco_jax.data.natural import IMAGENET_MEAN, IMAGENET_STD  # pylint: disable=import-outside-toplevel
 
-            mean, std = tuple(map(float, IMAGENET_MEAN)), tuple(map(float, IMAGENET_STD))
-        colour = augment.ColourJitter(saturation=g.saturation, hue=g.hue, mean=mean, std=std)
+        mean, std = tuple(map(float, IMAGENET_MEAN)), tuple(map(float, IMAGENET_STD))
+    return augment.ColourJitter(saturation=g.saturation, hue=g.hue, mean=mean, std=std)
+
+
+def rescales_unlabeled(config: ml_collections.ConfigDict) -> bool:
+    """Whether the strong view starts with ReCo's random rescale (augment.unlabeled_scale not (1, 1))."""
+    return tuple(config.augment.unlabeled_scale) != (1.0, 1.0)
+
+
+def no_class_label(config: ml_collections.ConfigDict) -> int:
+    """The label of pixels that are no class: the dataset's ignore label, else num_classes."""
+    d = config.data
+    return d.num_classes if d.ignore_label is None else d.ignore_label
+
+
+def strong_view_settings(config: ml_collections.ConfigDict, nets: Networks) -> dict:
+    """augment.strong_augment's keyword settings from config.augment (rescale, mix, jitter, blur,
+    warp, flip) and arco.warp_pseudo_labels; the rescale pads labels with `no_class_label`."""
+    g = config.augment
+    rescale = tuple(map(float, g.unlabeled_scale)) if rescales_unlabeled(config) else None
     return dict(warp_labels=config.arco.warp_pseudo_labels, warp_prob=g.warp_prob, value_range=nets.image_range,
-                mix=g.mix, num_classes=config.data.num_classes, jitter_prob=g.jitter_prob, colour=colour,
-                blur_prob=g.blur_prob, flip_prob=g.flip_prob)
+                mix=g.mix, num_classes=config.data.num_classes, jitter_prob=g.jitter_prob,
+                colour=_colour_settings(config), blur_prob=g.blur_prob, flip_prob=g.flip_prob, rescale=rescale,
+                fill_label=no_class_label(config) if rescale else None)
 
 
 def strong_view(fwd: Forward, image_u: jax.Array, teacher_key: jax.Array, strong_key: jax.Array):
     """Pseudo-labels (argmax) and confidences (max prob) of the teacher on the weak view, then
     the strong view of the same images with them (augment.strong_augment, as config.augment
     says); the labels follow the warp unless arco.warp_pseudo_labels is off. Returns (image_s,
-    pseudo, confidence)."""
+    pseudo, confidence); with augment.unlabeled_scale, pseudo holds `no_class_label` (confidence
+    0) where the rescale padded."""
     weak_logits, _ = fwd.teacher_net(image_u, teacher_key)
     weak_probs = jax.nn.softmax(weak_logits.astype(jnp.float32), -1)
     return augment.strong_augment(strong_key, image_u, jnp.argmax(weak_probs, -1).astype(jnp.int32),
                                   jnp.max(weak_probs, -1), **strong_view_settings(fwd.config, fwd.nets))
+
+
+LABELED_VIEW_FOLD = len(STAGE2_KEY_NAMES) + 1  # stage2_keys folds in len(STAGE2_KEY_NAMES) for its last two
+
+
+def labeled_view(config: ml_collections.ConfigDict, nets: Networks, batch: Batch, key: jax.Array) -> Batch:
+    """The labeled images with ReCo's jitter and blur of the labeled view (augment.labeled_jitter_prob,
+    augment.labeled_blur_prob; the kind and ranges of augment.jitter), labels unchanged; the
+    batch itself when both are 0. `key` is the step's: the draws use fold_in(key,
+    LABELED_VIEW_FOLD), so every other draw of the step is that of a run without it."""
+    g = config.augment
+    if g.labeled_jitter_prob == 0 and g.labeled_blur_prob == 0:
+        return batch
+    image_l = augment.labeled_photometric(jax.random.fold_in(key, LABELED_VIEW_FOLD), batch.image_l,
+                                          jitter_prob=g.labeled_jitter_prob, blur_prob=g.labeled_blur_prob,
+                                          value_range=nets.image_range, colour=_colour_settings(config))
+    return dataclasses.replace(batch, image_l=image_l)
 
 
 def equivariance_mask(labels: jax.Array, confidences: jax.Array, num_classes: int, threshold: float) -> jax.Array:
@@ -428,7 +466,9 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
 
     logits_u, features_u = out["strong"]
     if w.unsup > 0:
-        terms["unsup"] = losses.pseudo_label_loss(logits_u, pseudo, confidence, a.confidence_threshold)
+        # Padding of the rescale (no class, confidence 0) is no pseudo-label: out of the CE and the weight.
+        valid = ((pseudo >= 0) & (pseudo < config.data.num_classes)) if rescales_unlabeled(config) else None
+        terms["unsup"] = losses.pseudo_label_loss(logits_u, pseudo, confidence, a.confidence_threshold, valid)
     metrics["confident_fraction"] = jnp.mean(confidence >= a.confidence_threshold)
 
     labels = jnp.concatenate([batch.label_l, pseudo])

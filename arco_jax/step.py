@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from arco_jax import methods
+from arco_jax import methods, objective
 from arco_jax.core import Batch, LossOutput, Networks, TrainState
 from arco_jax.state import learning_rate, stage2_progress, term_names
 
@@ -67,8 +67,9 @@ Stage2Loss = Callable[[dict, TrainState, Batch, jax.Array, jax.Array, ml_collect
 def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation,
                      loss: Stage2Loss, write: Callable[[Any, Any, jax.Array], Any] | None = None,
                      name: str | None = None):
-    """train_step(state, batch) -> (state, metrics) of a stage-2 method: gradients of `loss` for
-    every student parameter, `tx`, the EMA teacher (segmenter and head), the guard; then
+    """train_step(state, batch) -> (state, metrics) of a stage-2 method: the labeled images of
+    the batch take objective.labeled_view (config.augment), then gradients of `loss` for every
+    student parameter, `tx`, the EMA teacher (segmenter and head), the guard; then
     `write(own_state, update, good)` replaces state.methods[name] (the method's own part: it is
     written after the guard, so a bad step must leave it as it was when `good` is false)."""
     decay = config.arco.ema_decay
@@ -76,6 +77,7 @@ def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: opta
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
+        batch = objective.labeled_view(config, nets, batch, key)  # ReCo's labeled jitter and blur (or the batch)
         progress = stage2_progress(config, state.step)
         (total, out), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state, batch, key, progress,
                                                                        config, nets)

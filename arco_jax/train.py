@@ -154,7 +154,7 @@ def make_streams(config: ml_collections.ConfigDict, data: registry.OpenDataset) 
         *data.train_sources(), labeled_batch_size=d.batch_labeled, unlabeled_batch_size=d.batch_unlabeled,
         patch_size=tuple(d.patch_size), seed=config.seed, worker_count=d.num_workers,
         fill_label=0 if d.ignore_label is None else d.ignore_label,
-        augmentation=registry.info(config).weak_augment)
+        augmentation=registry.info(config).weak_augment, unlabeled_augmentation=d.unlabeled_view or None)
 
 
 # ----------------------------------------------------------------------------- evaluation

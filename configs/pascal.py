@@ -13,8 +13,9 @@ run's results.json lists them. resnet101.pth is torchvision's ImageNet ResNet-10
 starts from it; nothing is downloaded here); without init_from the backbone starts from scratch.
 
 Settings as ReCo: DeepLabv3+ on ResNet-101 at output stride 16 (ASPP 6/12/18), a 256-d
-representation; random scale 0.5-1.5, 321 x 321 crops padded with the ignore label, horizontal
-flip, ImageNet normalisation (data/pipeline.py 'scale_crop_flip'); 10 labeled + 10 unlabeled images
+representation; the labeled stream's weak view: random scale 0.5-1.5, 321 x 321 crops padded with
+the ignore label, horizontal flip, ImageNet normalisation (data/pipeline.py 'scale_crop_flip'); 10
+labeled + 10 unlabeled images
 a step, 40k steps of SGD (lr 2.5e-3, Nesterov momentum 0.9, weight decay 5e-4, poly 0.9); EMA
 teacher 0.99, evaluated (ReCo tests its EMA model) on whole val images, each padded to 513 x 513
 (ReCo's test size; one compiled shape, VOC images are at most 500 px) for mIoU; 256 anchors and
@@ -23,16 +24,31 @@ sup + unsup + contrast at weight 1 each, as ReCo's sup + unsup + reco; no equiva
 neighbour term (ReCo has neither). ARCO-SG with 16 strata (method presets after ':' as in
 configs/acdc.py: method=arco_sag, arco_ns, supervised ...).
 
-The strong view as ReCo's (config.augment): ClassMix of the unlabeled images by the teacher's
-pseudo-labels (half of the classes of image b pasted onto image b + 1; augment.mix='cutmix' for
-CutMix), then torchvision's ColorJitter on RGB (brightness, contrast, saturation 0.75-1.25, hue
-+-0.25, random order, p=.8), Gaussian blur (sigma 0.15-1.15, p=.5) and a horizontal flip (p=.5),
-no smooth warp. The supervised term is CE alone (loss.supervised='ce'; 'ce_dice' adds Dice).
+The views as ReCo's (build_data.py transform / batch_transform, train_semisup.py), set by
+reco_views (config.augment, data.unlabeled_view):
+- labeled: the weak view above, then on device the same ColorJitter as the strong view's (p=.8)
+  and Gaussian blur (p=.5), the labels unchanged (augment.labeled_jitter_prob, labeled_blur_prob;
+  ReCo flips after them on the host: they commute, so the order is immaterial);
+- unlabeled, on the host: a random 321 x 321 crop (reflection-padded if smaller), no scaling, no
+  flip (data.unlabeled_view='crop'; ReCo's unlabeled loader, scale (1, 1) and augmentation off);
+- strong, on device: the teacher's pseudo-labels (argmax) and confidences (max prob) on that
+  crop, then the random rescale of image, pseudo-labels and confidences together (one scale
+  0.5-1.5 per image to int(321 s) px: image bilinear as PIL's, pseudo-labels and confidences
+  nearest; padded at the bottom and right back to 321 px, the image by reflection, pseudo-labels
+  with the ignore label and confidences 0, so padding is never a pseudo-label; a random 321 px
+  crop when larger; augment.unlabeled_scale), then ClassMix by the rescaled pseudo-labels (half of
+  the classes of image b pasted onto image b + 1; augment.mix='cutmix' for CutMix), then
+  torchvision's ColorJitter on RGB (brightness, contrast, saturation 0.75-1.25, hue +-0.25, random
+  order, p=.8), Gaussian blur (sigma 0.15-1.15, p=.5) and a horizontal flip (p=.5), no smooth warp.
+The supervised term is CE alone (loss.supervised='ce'; 'ce_dice' adds Dice); the pseudo-label
+term leaves the padding out of its CE and of its confident share, as ReCo's ignore index -1.
 
-Not as ReCo (missing here): the colour jitter and blur of the labeled view (the data pipeline's
-weak view has scale, crop and flip only), the random rescale (0.5-1.5) of the unlabeled images
-and their pseudo-labels before mixing, and ReCo's unlabeled view without scaling or flipping
-(both streams share the weak view here).
+Done differently from ReCo, on purpose: the rescale works on float images (ReCo truncates the
+batch to 8-bit PIL images and back); where the rescale padded, ClassMix sees no class (ReCo's
+torch.unique counts its -1 as one, so it may paste padding, and the real classes it picks can be
+one more or one fewer than half); PIL's
+nearest source (i + .5) n_in / n_out is computed exactly (in doubles PIL can land just below an
+integer; never for ReCo's odd 321 px crops, and Cityscapes does not rescale).
 
 Published (ARCO Table 7, mIoU %, 60 / 200 / 600 labels): ARCO-SG 59.6 / 71.7 / 75.5; ReCo +
 ClassMix 57.1 / 69.4 / 73.2; supervised 39.4 / 55.5 / 64.6.
@@ -50,7 +66,20 @@ def get_config(config_string: str | None = None):
     d.batch_labeled = d.batch_unlabeled = 10
     d.labeled_images = 60
     config.eval.pad_multiple = 513
+    reco_views(config, unlabeled_scale=(0.5, 1.5))
     return reco_recipe(config, config_string)
+
+
+def reco_views(config, unlabeled_scale):
+    """ReCo's three views of the natural-image configs beyond the strong one (set before
+    reco_recipe, so a config string still overrides them): the labeled images' colour jitter
+    (p=.8) and blur (p=.5) on device, the unlabeled stream's plain random crop on the host, and
+    the random rescale of the unlabeled images with their pseudo-labels by ReCo's scale range of
+    the dataset before mixing."""
+    g = config.augment
+    g.labeled_jitter_prob, g.labeled_blur_prob = 0.8, 0.5
+    g.unlabeled_scale = unlabeled_scale
+    config.data.unlabeled_view = "crop"
 
 
 def reco_recipe(config, config_string: str | None = None):

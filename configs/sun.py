@@ -11,8 +11,9 @@ Labeled images: 50 / 150 / 500 in the paper, the seeded class cover or data.labe
 
 Differences from Pascal, as ReCo: images resized to 512 x 384 when read (data.resize; ReCo's
 preprocessed folder already is), 5 labeled + 5 unlabeled images a step, random scale 0.5-1.5 and
-321 x 321 crops; val images predicted whole at 512 x 384. Class 0 is wall, which the framework
-treats as its background class. What is missing against ReCo is listed in configs/pascal.py.
+321 x 321 crops, and the random rescale 0.5-1.5 of the unlabeled images with their pseudo-labels;
+val images predicted whole at 512 x 384. Class 0 is wall, which the framework treats as its
+background class. The views and what is done differently from ReCo: configs/pascal.py.
 
 Published (ARCO Table 7, mIoU %, 50 / 150 / 500 labels): ARCO-SG 37.7 / 41.0 / 46.4; ReCo +
 ClassMix 30.5 / 40.4 / 44.6; supervised 20.0 / 29.2 / 38.9.
@@ -30,4 +31,5 @@ def get_config(config_string: str | None = None):
     d.batch_labeled = d.batch_unlabeled = 5
     d.labeled_images = 50
     config.eval.pad_multiple = 1  # every image is 512 x 384 after data.resize: one compiled shape
+    pascal.reco_views(config, unlabeled_scale=(0.5, 1.5))
     return pascal.reco_recipe(config, config_string)

@@ -235,19 +235,27 @@ def test_strong_view_mixes_by_the_teachers_classes_as_the_config_says():
     settings = objective.strong_view_settings(config, nets)
     assert settings == dict(warp_labels=True, warp_prob=0.0, value_range=None, mix="classmix", num_classes=21,
                             jitter_prob=0.8, colour=augment.ColourJitter(0.25, 0.25, MEAN, STD), blur_prob=0.5,
-                            flip_prob=0.5)
+                            flip_prob=0.5, rescale=(0.5, 1.5), fill_label=255)
     labels = _labels(6, classes=21)
     teacher_logits = jax.nn.one_hot(labels, 21) * 10.0  # the ignore corner: all-zero logits -> class 0
     fwd = types.SimpleNamespace(config=config, nets=nets, teacher_net=lambda images, key: (teacher_logits, None))
     images = jnp.zeros(labels.shape + (3,))
     _, pseudo, confidence = objective.strong_view(fwd, images, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
-    teacher = np.where(np.asarray(labels) == 255, 0, np.asarray(labels))
+    teacher = jnp.where(labels == 255, 0, labels)
     key = jax.random.PRNGKey(1)
-    keep = np.asarray(augment.classmix_mask(key, jnp.asarray(teacher), 21))
+    # ReCo's order: the rescale (fold_in(key, 2)) of image, pseudo-labels and confidences, then ClassMix, then flip.
+    _, rescaled, rescaled_conf = augment.random_rescale(jax.random.fold_in(key, 2), images, teacher,
+                                                        jnp.max(jax.nn.softmax(teacher_logits), -1),
+                                                        scale_range=(0.5, 1.5), fill_label=255)
+    keep = np.asarray(augment.classmix_mask(key, rescaled, 21))
     flip = np.asarray(jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, 1), 1), 0.5, (B,)))
-    mixed = np.where(keep, teacher, np.roll(teacher, -1, axis=0))
-    mixed = np.where(flip[:, None, None], mixed[:, :, ::-1], mixed)
+    rescaled, rescaled_conf = np.asarray(rescaled), np.asarray(rescaled_conf)
+    mixed = np.where(keep, rescaled, np.roll(rescaled, -1, axis=0))
+    mixed_conf = np.where(keep, rescaled_conf, np.roll(rescaled_conf, -1, axis=0))
+    mixed, mixed_conf = (np.where(flip[:, None, None], x[:, :, ::-1], x) for x in (mixed, mixed_conf))
     np.testing.assert_array_equal(np.asarray(pseudo), mixed)
+    np.testing.assert_array_equal(np.asarray(confidence), mixed_conf)
+    np.testing.assert_array_equal(mixed_conf == 0, mixed == 255)  # the rescale's padding: no pseudo-label
     assert confidence.shape == labels.shape
 
 
@@ -255,7 +263,8 @@ def test_strong_view_defaults_stay_cutmix_and_intensity_jitter():
     config = config_lib.base_config()
     settings = objective.strong_view_settings(config, types.SimpleNamespace(image_range=(0.0, 1.0)))
     assert (settings["mix"], settings["colour"], settings["jitter_prob"], settings["warp_prob"],
-            settings["flip_prob"]) == ("cutmix", None, 0.5, 0.5, 0.0)
+            settings["flip_prob"], settings["rescale"], settings["fill_label"]) == (
+                "cutmix", None, 0.5, 0.5, 0.0, None, None)
     assert config.loss.supervised == "ce_dice"
 
 

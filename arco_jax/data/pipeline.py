@@ -106,16 +106,16 @@ FLIP_PROBABILITY = 0.5
 
 
 def scale_crop_flip(image: np.ndarray, label: np.ndarray, patch_size: tuple[int, ...], rng: np.random.Generator,
-                    fill_label: int = 0, scale_range: tuple[float, float] = NATURAL_SCALE_RANGE
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    fill_label: int = 0, scale_range: tuple[float, float] = NATURAL_SCALE_RANGE,
+                    flip_prob: float = FLIP_PROBABILITY) -> tuple[np.ndarray, np.ndarray]:
     """ReCo's training view of a natural image, the same transform on both arrays: image RGB uint8
     (H, W, 3) as the natural-image sources give it, label (H, W) with values 0..255.
 
     Scale by s ~ U(scale_range) to int(H s) x int(W s) (image bilinear, label nearest); pad at the
     bottom and right to at least patch_size (the image by reflection, as ReCo; the label with
     `fill_label`, the ignore label, so padding is never trained on); crop patch_size at a uniform
-    position; flip horizontally with p = .5; then normalise the image with ImageNet's mean and std
-    (float32), which is what the network was pretrained on.
+    position; flip horizontally with p = `flip_prob` (.5; 0 draws nothing); then normalise the image
+    with ImageNet's mean and std (float32), which is what the network was pretrained on.
     """
     from arco_jax.data import natural  # pylint: disable=import-outside-toplevel  (PIL, only for RGB data)
 
@@ -134,14 +134,18 @@ def scale_crop_flip(image: np.ndarray, label: np.ndarray, patch_size: tuple[int,
     top, left = (int(rng.integers(0, s - p + 1)) for s, p in zip(label.shape, patch_size))
     image = image[top:top + patch_size[0], left:left + patch_size[1]]
     label = label[top:top + patch_size[0], left:left + patch_size[1]]
-    if rng.random() < FLIP_PROBABILITY:
+    if flip_prob > 0 and rng.random() < flip_prob:
         image, label = image[:, ::-1], label[:, ::-1]
     return natural.normalize_rgb(np.ascontiguousarray(image)), np.ascontiguousarray(label)
 
 
 WEAK_AUGMENTATIONS = {"resize_rotate": weak_augment, "rot_flip_crop": rot_flip_crop,
                       "scale_crop_flip": scale_crop_flip,
-                      "crop_flip": functools.partial(scale_crop_flip, scale_range=(1.0, 1.0))}  # Cityscapes (ReCo)
+                      "crop_flip": functools.partial(scale_crop_flip, scale_range=(1.0, 1.0)),  # Cityscapes (ReCo)
+                      # ReCo's unlabeled images (BuildDataLoader.build: scale (1.0, 1.0), augmentation=False):
+                      # reflection padding to the patch and a random crop, no scaling, no flip.
+                      "crop": functools.partial(scale_crop_flip, scale_range=(1.0, 1.0), flip_prob=0.0)}
+NATURAL_VIEWS = ("scale_crop_flip", "crop_flip", "crop")  # RGB uint8 in, ImageNet-normalised out
 
 
 def _augment_element(element: dict, rng: np.random.Generator, *, patch_size: tuple[int, ...],
@@ -245,16 +249,19 @@ def make_source_streams(labeled_source, unlabeled_source, *, labeled_batch_size:
                         unlabeled_batch_size: int, patch_size: tuple[int, ...], seed: int,
                         shard: grain.sharding.ShardOptions | None = None, worker_count: int = 0,
                         unlabeled_with_labels: bool = False, fill_label: int = 0,
-                        augmentation: str = "resize_rotate") -> TrainStreams:
+                        augmentation: str = "resize_rotate", unlabeled_augmentation: str | None = None
+                        ) -> TrainStreams:
     """Labeled and unlabeled streams over two random-access sources of slices (any of
     `arco_jax.data.datasets`). Batch sizes are global (over all processes); each process gets
     its share. The streams use independent seeds derived from `seed`. Unlabeled batches carry
-    no label unless `unlabeled_with_labels` (for diagnostics only)."""
-    common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count, fill_label=fill_label,
-                  augmentation=augmentation)
-    labeled = make_stream(labeled_source, global_batch_size=labeled_batch_size, stream=0, **common)
+    no label unless `unlabeled_with_labels` (for diagnostics only). The unlabeled stream's view
+    is `unlabeled_augmentation` (None: `augmentation`, both streams alike)."""
+    common = dict(patch_size=patch_size, seed=seed, shard=shard, worker_count=worker_count, fill_label=fill_label)
+    labeled = make_stream(labeled_source, global_batch_size=labeled_batch_size, stream=0, augmentation=augmentation,
+                          **common)
     unlabeled = make_stream(unlabeled_source, global_batch_size=unlabeled_batch_size, stream=1,
-                            keep_label=unlabeled_with_labels, **common)
+                            keep_label=unlabeled_with_labels, augmentation=unlabeled_augmentation or augmentation,
+                            **common)
     return TrainStreams(labeled, unlabeled)
 
 
