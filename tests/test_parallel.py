@@ -38,7 +38,10 @@ def trajectory(num_devices: int, remat: bool):
     return losses, jax.device_get(state.params), state
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["separate", "remat"])
+# The rematerialised loop over a sharded batch is a configuration users must ask for (remat_student
+# resolves 'auto' to on only for a single CPU device); its no-collective property is checked below
+# in every run, its trajectory only with the slow tests (two more compiled steps).
+@pytest.fixture(scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)], ids=["separate", "remat"])
 def runs(request):
     if len(jax.devices()) < 2:
         pytest.skip("needs two devices (tests/conftest.py sets XLA_FLAGS for two CPU devices)")

@@ -121,6 +121,7 @@ def loss_terms(config, nets, state, data):
     return fn(state.params)[1][0]
 
 
+@pytest.mark.slow  # two more compiled ARCO losses; the passes' equivalence is checked above
 def test_arco_loss_changes_only_the_equivariance_term(model):
     """Labeled and strong passes are not cut, so every other term is unchanged; the
     equivariance pass of 2 BATCH images runs as two chunks."""
