@@ -3,9 +3,7 @@ classes, the RGB colour jitter (brightness, contrast, saturation, hue), the hori
 wiring from the config into objective.strong_view, and the configs that use them (tiny arrays)."""
 import colorsys
 import functools
-import importlib.util
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +14,10 @@ from arco_jax import augment, losses, objective
 from arco_jax import config as config_lib
 from arco_jax.config import ConfigError, validate
 from arco_jax.data import natural
+from tests.tiny import load_config
 
-REPO = Path(__file__).resolve().parent.parent
 B, H, W, K = 4, 12, 14, 6
 MEAN, STD = tuple(map(float, natural.IMAGENET_MEAN)), tuple(map(float, natural.IMAGENET_STD))
-
-
-def load_config(name: str, config_string=None):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(config_string)
 
 
 def _labels(seed=0, classes=K, batch=B):

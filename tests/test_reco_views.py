@@ -3,9 +3,7 @@ rescale of the unlabeled images with their pseudo-labels and confidences before 
 images' jitter and blur, the unlabeled stream's plain crop, their config fields and the natural
 configs that turn them on (tiny arrays, a few compiled functions reused)."""
 import functools
-import importlib.util
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +18,12 @@ from arco_jax import state as state_lib
 from arco_jax.config import ConfigError, validate
 from arco_jax.core import Batch, LossOutput, TrainState
 from arco_jax.data import natural, pipeline
+from tests.tiny import load_config
 from arco_jax.step import make_stage2_step
 
-REPO = Path(__file__).resolve().parent.parent
 H, W = 13, 11  # odd sizes: PIL's nearest source (i + .5) size / n is never a tie there (see rescale_crop)
 IGNORE = 255
 MEAN, STD = tuple(map(float, natural.IMAGENET_MEAN)), tuple(map(float, natural.IMAGENET_STD))
-
-
-def load_config(name: str, config_string=None):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(config_string)
 
 
 _RESCALE_CROP = jax.jit(functools.partial(augment.rescale_crop, fill_label=IGNORE))

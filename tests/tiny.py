@@ -8,11 +8,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def demo_config():
-    spec = importlib.util.spec_from_file_location("configs_demo", REPO / "configs" / "demo.py")
+def load_config(name: str, config_string: str | None = None):
+    """configs/<name>.py's get_config(config_string), as `--config=configs/<name>.py:<string>`."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(config_string)
+
+
+def demo_config():
+    return load_config("demo")
 
 
 def narrow_model(c) -> None:
