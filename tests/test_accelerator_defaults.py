@@ -110,6 +110,18 @@ def test_an_explicit_remat_and_mesh_are_kept():
     assert c.arco.remat_student is False
 
 
+def test_pascal_recomputes_on_every_platform_to_stay_within_12_gb():
+    """configs/pascal.py sets the switch (its 10 + 10 step needs 13.9 GB of XLA's compiled memory
+    without, 8.2 GB with); the other natural-image configs keep the auto rule."""
+    for platform, devices in (("gpu", 1), ("tpu", 8), ("cpu", 2)):
+        c = config_file("pascal")
+        resolve_for_devices(c, devices, platform=platform)
+        assert c.arco.remat_student is True, platform
+    sun = config_file("sun")
+    resolve_for_devices(sun, 1, platform="gpu")
+    assert sun.arco.remat_student is False
+
+
 def test_remat_and_mesh_take_command_line_overrides():
     """The placeholders keep their types: --config.arco.remat_student=true and
     --config.data.mesh_devices=2 parse (here through the launchers' check)."""
