@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from arco_jax import methods, objective
+from arco_jax import methods
 from arco_jax.core import Batch, LossOutput, Networks, TrainState
 from arco_jax.state import learning_rate, stage2_progress, term_names
 
@@ -64,11 +64,17 @@ Stage2Loss = Callable[[dict, TrainState, Batch, jax.Array, jax.Array, ml_collect
 """loss(params, state, batch, key, progress, config, nets): progress is t/T of stage 2."""
 
 
+LabeledView = Callable[[ml_collections.ConfigDict, Networks, Batch, jax.Array], Batch]
+
+
 def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation,
                      loss: Stage2Loss, write: Callable[[Any, Any, jax.Array], Any] | None = None,
-                     name: str | None = None):
+                     name: str | None = None,
+                     labeled_view: LabeledView | None = None):
     """train_step(state, batch) -> (state, metrics) of a stage-2 method: the labeled images of
-    the batch take objective.labeled_view (config.augment), then gradients of `loss` for every
+    the batch take `labeled_view(config, nets, batch, key)` if given (the methods pass
+    objective.labeled_view: ReCo's labeled jitter and blur, config.augment; loss code, so it is
+    handed in, not imported here), then gradients of `loss` for every
     student parameter, `tx`, the EMA teacher (segmenter and head), the guard; then
     `write(own_state, update, good)` replaces state.methods[name] (the method's own part: it is
     written after the guard, so a bad step must leave it as it was when `good` is false)."""
@@ -77,7 +83,8 @@ def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: opta
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
-        batch = objective.labeled_view(config, nets, batch, key)  # ReCo's labeled jitter and blur (or the batch)
+        if labeled_view is not None:
+            batch = labeled_view(config, nets, batch, key)
         progress = stage2_progress(config, state.step)
         (total, out), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state, batch, key, progress,
                                                                        config, nets)

@@ -12,7 +12,8 @@ import optax
 import pytest
 from PIL import Image
 
-from arco_jax import augment, losses, objective, train
+from arco_jax import augment, losses, methods, objective, train
+from arco_jax import step as step_lib
 from arco_jax import config as config_lib
 from arco_jax import state as state_lib
 from arco_jax.config import ConfigError, validate
@@ -192,7 +193,16 @@ def _batch(seed=0):
                  image_u=jnp.asarray(normalised[1]))
 
 
-def test_every_stage2_step_trains_on_the_labeled_view_and_defaults_leave_the_batch():
+def test_every_stage2_step_trains_on_the_labeled_view_and_defaults_leave_the_batch(monkeypatch):
+    # Each built-in stage-2 method hands the labeled view to the shared step (step.py imports no
+    # loss code, so the view is passed in).
+    for name in ("arco", "supervised", "mean_teacher"):
+        given = {}
+        monkeypatch.setattr(step_lib, "make_stage2_step", lambda *args, **kwargs: given.update(
+            view=kwargs.get("labeled_view")))
+        methods.get(name).make_step(None, None, None)
+        assert given["view"] is objective.labeled_view, name
+    monkeypatch.undo()
     config = load_config("pascal")
     nets = types.SimpleNamespace(image_range=None)
     tx = optax.sgd(0.1)
@@ -203,7 +213,7 @@ def test_every_stage2_step_trains_on_the_labeled_view_and_defaults_leave_the_bat
         return jnp.sum(params["segmenter"]["w"]), LossOutput({"sup": jnp.float32(0)}, state.batch_stats, None, {})
 
     state, batch = _fake_state(config, tx), _batch()
-    make_stage2_step(config, nets, tx, record)(state, batch)
+    make_stage2_step(config, nets, tx, record, labeled_view=objective.labeled_view)(state, batch)
     got = seen["batch"]
     view = objective.labeled_view(config, nets, batch, jax.random.fold_in(state.rng, state.step))
     np.testing.assert_array_equal(np.asarray(got.image_l), np.asarray(view.image_l))

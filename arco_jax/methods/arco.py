@@ -54,5 +54,5 @@ def _init_state(config: ml_collections.ConfigDict, nets, outputs: InitOutputs, k
 
 
 METHOD = Method(name="arco", stage=2, terms=objective.TERMS, init_state=_init_state,
-                make_step=lambda config, nets, tx: step.make_stage2_step(config, nets, tx, objective.arco_loss,
-                                                                        write, "arco"))
+                make_step=lambda config, nets, tx: step.make_stage2_step(
+                    config, nets, tx, objective.arco_loss, write, "arco", labeled_view=objective.labeled_view))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from arco_jax import losses, step
+from arco_jax import losses, objective, step
 from arco_jax.consistency import consistency_term, consistency_weight
 from arco_jax.core import Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward
 from arco_jax.methods.base import Method
@@ -32,4 +32,5 @@ def mean_teacher_loss(params: dict, state: TrainState, batch: Batch, key: jax.Ar
 
 
 METHOD = Method(name="mean_teacher", stage=2, terms=("sup", "consistency"),
-                make_step=lambda config, nets, tx: step.make_stage2_step(config, nets, tx, mean_teacher_loss))
+                make_step=lambda config, nets, tx: step.make_stage2_step(
+                    config, nets, tx, mean_teacher_loss, labeled_view=objective.labeled_view))

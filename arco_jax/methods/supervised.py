@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from arco_jax import losses, step
+from arco_jax import losses, objective, step
 from arco_jax.core import Batch, LossOutput, Networks, TrainState, stage2_keys, student_forward
 from arco_jax.methods.base import Method
 
@@ -20,4 +20,5 @@ def labeled_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, 
 
 
 METHOD = Method(name="supervised", stage=2, terms=("sup",),
-                make_step=lambda config, nets, tx: step.make_stage2_step(config, nets, tx, labeled_loss))
+                make_step=lambda config, nets, tx: step.make_stage2_step(
+                    config, nets, tx, labeled_loss, labeled_view=objective.labeled_view))
