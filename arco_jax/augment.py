@@ -612,6 +612,11 @@ def _axis_weights(canvas: Array, resized: Array, size: int) -> Array:
     return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
+def _rescaled_size(size: int, scales: Array) -> Array:
+    """int(size * s) per sample, at least 1: the axis length PIL's resize gives (ReCo's transform)."""
+    return jnp.maximum(jnp.floor(size * scales).astype(jnp.int32), 1)
+
+
 def rescale_crop(images: Array, labels: Array, confidences: Array, scales: Array, offsets: Array, *,
                  fill_label: int) -> tuple[Array, Array, Array]:
     """ReCo's transform(..., scale_size, augmentation=False) of a batch, with its draws given:
@@ -625,7 +630,7 @@ def rescale_crop(images: Array, labels: Array, confidences: Array, scales: Array
     spatial = images.shape[1:rank + 1]
     inside = jnp.ones(labels.shape, bool)
     for axis, size in enumerate(spatial):
-        resized = jnp.maximum(jnp.floor(size * scales).astype(jnp.int32), 1)  # (B,)
+        resized = _rescaled_size(size, scales)  # (B,)
         canvas = jnp.arange(size)[None, :] + offsets[:, axis:axis + 1]  # (B, size)
         weights = jax.vmap(_axis_weights, in_axes=(0, 0, None))(canvas, resized, size)
         source = jnp.floor((jnp.minimum(canvas, resized[:, None] - 1) + 0.5) * size / resized[:, None])
@@ -654,7 +659,7 @@ def random_rescale(key: Array, images: Array, labels: Array, confidences: Array,
     scales = jax.random.uniform(scale_key, (batch,), minval=scale_range[0], maxval=scale_range[1])
     offsets = []
     for offset_key, size in zip(offset_keys, spatial):
-        resized = jnp.maximum(jnp.floor(size * scales).astype(jnp.int32), 1)
+        resized = _rescaled_size(size, scales)
         offsets.append(jax.random.randint(offset_key, (batch,), 0, jnp.maximum(resized - size, 0) + 1))
     return rescale_crop(images, labels, confidences, scales, jnp.stack(offsets, axis=1), fill_label=fill_label)
 
