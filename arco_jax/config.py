@@ -72,11 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
     # DeepLabv3+ as ReCo / ARCO use it (model.name = 'deeplabv3plus', models/deeplab.py): a torchvision
     # ResNet of this depth (18, 34, 50, 101, 152), output stride 16 (ASPP rates 6/12/18) or 8
     # (12/24/36), the ResNet's widths times `width` (1.0: torchvision's, so its checkpoints convert;
-    # ASPP and decoder keep 256 channels). Its representation is ReCo's with model.rep_dim = 256.
+    # ASPP and decoder keep `channels`, 256 as ReCo's). Its representation is ReCo's with model.rep_dim = 256.
     c.model.deeplabv3plus = ml_collections.ConfigDict()
     c.model.deeplabv3plus.depth = 101
     c.model.deeplabv3plus.output_stride = 16
     c.model.deeplabv3plus.width = 1.0
+    c.model.deeplabv3plus.channels = 256
 
     # What runs: 'supervised', 'mean_teacher', 'arco_ns', 'arco_sg', 'arco_sag' or 'custom'
     # (arco_jax/methods/presets.py); validate checks the loss weights and sampler against it.

@@ -82,10 +82,11 @@ def resnet_parameters(depth: int, in_channels: int = 3) -> int:
     return total
 
 
-def deeplab_head_parameters(high: int, low: int, num_classes: int) -> tuple[int, int]:
-    """(ASPP, decoder) parameters of ReCo's DeepLabv3Plus on `high` / `low` backbone channels."""
-    aspp = (high * 256 + 512) + 3 * (high * 256 * 9 + 512) + (high * 256 + 512) + (5 * 256 * 256 + 512)
-    decoder = (low * 48 + 96) + 2 * (304 * 256 * 9 + 512) + (256 * num_classes + num_classes)
+def deeplab_head_parameters(high: int, low: int, num_classes: int, c: int = 256) -> tuple[int, int]:
+    """(ASPP, decoder) parameters of ReCo's DeepLabv3Plus on `high` / `low` backbone channels, with
+    c channels in ASPP and the decoder (ReCo's 256)."""
+    aspp = (high * c + 2 * c) + 3 * (high * c * 9 + 2 * c) + (high * c + 2 * c) + (5 * c * c + 2 * c)
+    decoder = (low * 48 + 96) + 2 * ((48 + c) * c * 9 + 2 * c) + (c * num_classes + num_classes)
     return aspp, decoder
 
 
@@ -135,6 +136,31 @@ def test_full_size_parameter_counts():
     head = DeepLabHead(output_dim=256)
     features = (jnp.zeros((1, 5, 5, 256)), jnp.zeros((1, 17, 17, 256)), jnp.zeros((1, 65, 65, 0)))
     assert count(jax.eval_shape(head.init, jax.random.key(0), features)["params"]) == 256 * 256 + 256 == 65_792
+
+
+def test_narrow_aspp_and_decoder_through_the_registry():
+    """model.deeplabv3plus.channels narrows ASPP and the decoder (the demo's small net); the head
+    follows it, and a count that is no whole number of channels is refused."""
+    config = deeplab_config(width=0.25)
+    config.model.deeplabv3plus.channels = 64
+    config.model.rep_dim = 64
+    model = models.build_segmenter(config.model, num_classes=5, in_channels=3)
+    assert model.channels == 64
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 65, 65, 3)), train=False))
+    assert count(variables["params"]["backbone"]) == count(jax.eval_shape(
+        lambda: ResNet(18, width=0.25).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))["params"])
+    assert count(variables["params"]) - count(variables["params"]["backbone"]) == sum(
+        deeplab_head_parameters(128, 16, 5, c=64)) == 389_285
+    (_, features) = jax.eval_shape(lambda: model.apply(
+        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), variables), jnp.zeros((1, 65, 65, 3)), train=False))
+    assert features[0].shape[-1] == features[1].shape[-1] == 64
+    head = models.build_head(config.model, num_classes=5, in_channels=3)
+    assert (head.hidden_dim, head.output_dim) == (64, 64)
+    assert count(jax.eval_shape(head.init, jax.random.key(0), features)["params"]) == 64 * 64 + 64
+    for value in (0, 2.5, True):
+        config.model.deeplabv3plus = ml_collections.ConfigDict({"depth": 18, "width": 0.25, "channels": value})
+        with pytest.raises(ConfigError, match=r"config\.model\.deeplabv3plus\.channels: must be a positive whole"):
+            validate(config)
 
 
 # ----------------------------------------------------------------------------- shapes and dilations

@@ -156,11 +156,11 @@ def _is_int(value: Any) -> bool:
 def _deeplab_fields(sub: Any) -> tuple[Any, Any, Any]:
     defaults = DeepLabV3Plus()
     return (_field(sub, "depth", defaults.depth), _field(sub, "output_stride", defaults.output_stride),
-            _field(sub, "width", defaults.width))
+            _field(sub, "width", defaults.width), _field(sub, "channels", defaults.channels))
 
 
 def _check_deeplab(sub: Any) -> list[tuple[str, str]]:
-    depth, output_stride, width = _deeplab_fields(sub)
+    depth, output_stride, width, channels = _deeplab_fields(sub)
     problems = []
     if not _is_int(depth) or depth not in resnet.DEPTHS:
         problems.append(("deeplabv3plus.depth", f"must be one of {', '.join(map(str, resnet.DEPTHS))} (torchvision's "
@@ -171,6 +171,9 @@ def _check_deeplab(sub: Any) -> list[tuple[str, str]]:
     width_problem = resnet.width_problem(width)
     if width_problem:
         problems.append(("deeplabv3plus.width", width_problem))
+    if not _is_int(channels) or channels < 1:
+        problems.append(("deeplabv3plus.channels", f"must be a positive whole number of channels (256: ReCo's ASPP "
+                                                   f"and decoder), got {channels!r}"))
     return problems
 
 
@@ -178,13 +181,14 @@ def _build_deeplab(sub: Any, args: BuildArgs) -> nn.Module:
     problems = _check_deeplab(sub)
     if problems:
         raise ValueError(f"model.{problems[0][0]}: {problems[0][1]}")
-    depth, output_stride, width = _deeplab_fields(sub)
+    depth, output_stride, width, channels = _deeplab_fields(sub)
     return DeepLabV3Plus(num_classes=args.num_classes, in_channels=args.in_channels, depth=int(depth),
-                         output_stride=int(output_stride), width=float(width), dtype=args.dtype)
+                         output_stride=int(output_stride), width=float(width), channels=int(channels),
+                         dtype=args.dtype)
 
 
 def _build_deeplab_head(sub: Any, args: BuildArgs) -> nn.Module:
-    return DeepLabHead(output_dim=args.rep_dim, dtype=args.dtype)
+    return DeepLabHead(hidden_dim=int(_deeplab_fields(sub)[3]), output_dim=args.rep_dim, dtype=args.dtype)
 
 
 _REGISTRY: dict[str, ModelSpec] = {

@@ -35,7 +35,8 @@ the head parameters only ('params'; no 'batch_stats').
 
 Parameters, at 3 input channels, width 1 and 21 classes: ResNet-101 42,500,160 + ASPP
 15,535,104 + decoder 1,419,637 = 59,454,901 (ResNet-50: 40,462,773; ResNet-18, whose ASPP takes
-512 channels: 16,718,773); the head with output_dim 256: 65,792.
+512 channels: 16,718,773); the head with output_dim 256: 65,792. `channels` narrows ASPP and the
+decoder (256: ReCo's; the built-in demo's small net, configs/natural_demo.py, uses 64).
 """
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ class DeepLabV3Plus(nn.Module):
     depth: int = 101
     output_stride: int = 16
     width: float = 1.0
+    channels: int = ASPP_CHANNELS  # ASPP's and the decoder's 3x3 convs (256: ReCo's)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -135,15 +137,15 @@ class DeepLabV3Plus(nn.Module):
         args = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         low, high = ResNet(self.depth, dilation_for_output_stride(self.output_stride), self.width, **args,
                            name="backbone")(x, train=train)
-        aspp = ASPP(ASPP_RATES[self.output_stride], **args, name="aspp")(high, train=train)
+        aspp = ASPP(ASPP_RATES[self.output_stride], self.channels, **args, name="aspp")(high, train=train)
         low = ConvBNReLU(LOW_LEVEL_CHANNELS, 1, **args, name="low_level")(low, train=train)
         z = jnp.concatenate([low, resize_bilinear_align_corners(aspp, low.shape[1:3])], axis=-1)
-        hidden = ConvBNReLU(DECODER_CHANNELS, 3, **args, name="classifier")(z, train=train)
+        hidden = ConvBNReLU(self.channels, 3, **args, name="classifier")(z, train=train)
         # The output conv in float32 (as the UNet's): logits are not rounded to bfloat16.
-        logits = Conv2d(self.num_classes, 1, kernel_init=uniform_fan_in(DECODER_CHANNELS),
-                        bias_init=uniform_fan_in(DECODER_CHANNELS), **{**args, "dtype": jnp.float32},
+        logits = Conv2d(self.num_classes, 1, kernel_init=uniform_fan_in(self.channels),
+                        bias_init=uniform_fan_in(self.channels), **{**args, "dtype": jnp.float32},
                         name="classifier_out")(hidden)
-        representation = ConvBNReLU(DECODER_CHANNELS, 3, **args, name="representation")(z, train=train)
+        representation = ConvBNReLU(self.channels, 3, **args, name="representation")(z, train=train)
         logits = resize_bilinear_align_corners(logits, x.shape[1:3])
         grid = jnp.zeros(x.shape[:3] + (0,), self.dtype)
         return logits, (aspp, representation, grid)
