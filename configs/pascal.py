@@ -89,6 +89,12 @@ def reco_views(config, unlabeled_scale):
 
 def reco_recipe(config, config_string: str | None = None):
     """The model, optimiser, schedule and ARCO settings the three natural-image configs share."""
+    reco_settings(config)
+    return reco_method(config, config_string)
+
+
+def reco_settings(config):
+    """ReCo's model, optimiser, schedule, sampler and strong-view settings (no method yet)."""
     m = config.model
     m.name = "deeplabv3plus"
     m.deeplabv3plus.depth, m.deeplabv3plus.output_stride, m.deeplabv3plus.width = 101, 16, 1.0
@@ -105,6 +111,11 @@ def reco_recipe(config, config_string: str | None = None):
     g = config.augment  # ReCo's strong view: ClassMix, then ColorJitter (p=.8), blur (p=.5), flip (p=.5)
     g.mix, g.jitter, g.jitter_prob, g.saturation, g.hue = "classmix", "colour", 0.8, 0.25, 0.25
     g.blur_prob, g.warp_prob, g.flip_prob = 0.5, 0.0, 0.5
+    return config
+
+
+def reco_method(config, config_string: str | None = None):
+    """ARCO-SG (or the config string's method) with ReCo's loss weights: sup + unsup + contrast at 1."""
     methods.apply_method(config, "arco_sg")
     config = methods.apply_config_string(config, config_string)
     w = config.loss_weights

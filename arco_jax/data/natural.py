@@ -315,7 +315,7 @@ class NaturalDataset:
         self._chosen = None
         train, val = store.names["train"], store.names["val"]
         if self._split_file is None:  # (a split file's count is checked when it is read)
-            _check_count(self._k, len(train), store.where["train"])
+            check_count(self._k, len(train), store.where["train"])
         self.description = (f"{d.data_dir} ({title}, {store.kind}: {len(train)} train images, {len(val)} val "
                             "images)")
 
@@ -331,7 +331,7 @@ class NaturalDataset:
                     raise ConfigError(f"config.data.labeled_images: {self._k}, but the split file {self._split_file} "
                                       f"lists {len(positions)} images (set it to {len(positions)}, or 0: the file's "
                                       "count)")
-                _check_count(len(positions), len(train), self.store.where["train"])
+                check_count(len(positions), len(train), self.store.where["train"])
                 rule, missing, cover = f"split file {self._split_file}", None, None
             else:
                 positions, missing, cover = seeded_labeled(
@@ -381,7 +381,7 @@ class NaturalDataset:
         return registry.Case(name, normalize_rgb(image), label, spacing=None)
 
 
-def _check_count(k: int, train_count: int, where: str) -> None:
+def check_count(k: int, train_count: int, where: str) -> None:
     if not 1 <= k <= train_count - 1:
         raise ConfigError(f"config.data.labeled_images: {k} is not in 1..{train_count - 1}: {where} has "
                           f"{train_count} images and at least one must stay unlabeled")
@@ -426,6 +426,13 @@ def check_fields(config: ml_collections.ConfigDict, name: str, layout: Layout) -
               "data to the machine's disk first")
     if not os.path.isdir(d.data_dir):
         _fail("data_dir", f"{d.data_dir!r} is missing or not a directory")
+    check_subset_fields(config)
+
+
+def check_subset_fields(config: ml_collections.ConfigDict) -> None:
+    """The labeled-subset and view fields' types (labeled_images, labeled_split, labeled_seed, resize,
+    random_scale)."""
+    d = config.data
     if not (_is_int(d.labeled_images) and d.labeled_images >= 0):
         _fail("labeled_images", f"must be an integer >= 1 (or 0 with a labeled_split: the file's count), got "
               f"{d.labeled_images!r}")
@@ -461,9 +468,9 @@ def validate(config: ml_collections.ConfigDict, name: str, layout: Layout) -> No
         if d.labeled_images not in (0, listed):
             _fail("labeled_images", f"{d.labeled_images}, but the split file {path} lists {listed} images (set it to "
                   f"{listed}, or 0: the file's count)")
-        _check_count(listed, count, where)
+        check_count(listed, count, where)
     else:
-        _check_count(d.labeled_images, count, where)
+        check_count(d.labeled_images, count, where)
 
 
 def folder_store(config: ml_collections.ConfigDict, layout: Layout, codec: LabelCodec) -> FolderStore:

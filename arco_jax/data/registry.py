@@ -172,6 +172,7 @@ _BUILTIN = {
     "nifti_folder": "arco_jax.data.nifti_folder:NIFTI_FOLDER",
     "pascal": "arco_jax.data.voc:PASCAL",
     "phantom": "arco_jax.data.ssl4mis_datasets:PHANTOM",
+    "scenes": "arco_jax.data.scenes:SCENES",
     "sun": "arco_jax.data.sun:SUN",
 }
 _REGISTERED: dict[str, DatasetSpec] = {}
