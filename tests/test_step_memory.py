@@ -134,6 +134,7 @@ def test_arco_loss_changes_only_the_equivariance_term(model):
     assert not np.isclose(looped["eqv"], separate["eqv"], rtol=1e-6)  # other batch-norm batches, other dropout
 
 
+@pytest.mark.slow  # compiles a full ARCO step at large banks (about 60 s); memory_analysis needs no run
 def test_the_step_writes_the_bank_in_place():
     """The bank, the state's largest array, is written into the donated buffer after the
     non-finite guard (memory.BankPush): a guard that selects between the old and the new bank

@@ -13,7 +13,8 @@ from arco_jax import study
 
 TINY = ("data.phantom.image_size=32", "data.patch_size=[32, 32]", "data.phantom.splits=[6, 2, 2]",
         "data.phantom.slices=[3, 4]", "data.batch_labeled=2", "data.batch_unlabeled=2", "train.steps=4",
-        "train.eval_every=2", "train.checkpoint_every=4", "train.log_every=2")
+        "train.eval_every=2", "train.checkpoint_every=4", "train.log_every=2",
+        "model.unet.features=[4, 8, 8, 16, 16]", "model.rep_dim=16")  # tests/tiny.py's narrow UNet: cheap compiles
 METHODS = ("supervised", "mean_teacher")
 REPO = Path(__file__).resolve().parent.parent
 

@@ -376,6 +376,7 @@ def loss_and_grads(config, state, nets, batch):
     return loss, terms, grads
 
 
+@pytest.mark.slow  # three more compiled losses with gradients (about 50 s); a 'code'-variant switch
 def test_reference_nn_gradient_reports_the_same_value_and_trains_nothing(model):
     nets, _, state = model
     batch = make_batch(2)

@@ -177,6 +177,15 @@ def check_pairs(samples: Sequence[Sample], where: Callable[[int], str]) -> None:
                             "missing")
 
 
+def listed_samples(path: Path, image: Callable[[str], Path], label: Callable[[str], Path]) -> list[Sample]:
+    """The images a list file names (one id a line), their files by `image(id)` and `label(id)`,
+    each pair checked to exist (messages name the list's line)."""
+    entries = read_list(path)
+    items = [Sample(name, image(name), label(name)) for _, name in entries]
+    check_pairs(items, lambda i: f"list file {path} line {entries[i][0]}")
+    return items
+
+
 def read_list(path: Path) -> list[tuple[int, str]]:
     """(line number, entry) of each non-blank line of a list file, which must exist and not be empty,
     with no entry twice."""

@@ -264,12 +264,8 @@ def ensure_scenes(cache_dir: str | Path | None = None, **params) -> Path:
 
 
 def _samples(root: Path, data, split: str) -> list[natural.Sample]:
-    path = root / f"{split}.txt"
-    entries = natural.read_list(path)
-    items = [natural.Sample(name, root / IMAGE_DIR / f"{name}.png", root / LABEL_DIR / f"{name}.png")
-             for _, name in entries]
-    natural.check_pairs(items, lambda i: f"list file {path} line {entries[i][0]}")
-    return items
+    return natural.listed_samples(root / f"{split}.txt", lambda name: root / IMAGE_DIR / f"{name}.png",
+                                  lambda name: root / LABEL_DIR / f"{name}.png")
 
 
 LAYOUT = natural.Layout(

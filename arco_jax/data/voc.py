@@ -35,12 +35,8 @@ def list_path(root: Path, data: ml_collections.ConfigDict, split: str) -> Path:
 
 
 def samples(root: Path, data: ml_collections.ConfigDict, split: str) -> list[natural.Sample]:
-    path = list_path(root, data, split)
-    entries = natural.read_list(path)
-    items = [natural.Sample(name, root / IMAGE_DIR / f"{name}.jpg", root / LABEL_DIR / f"{name}.png")
-             for _, name in entries]
-    natural.check_pairs(items, lambda i: f"list file {path} line {entries[i][0]}")
-    return items
+    return natural.listed_samples(list_path(root, data, split), lambda name: root / IMAGE_DIR / f"{name}.jpg",
+                                  lambda name: root / LABEL_DIR / f"{name}.png")
 
 
 LAYOUT = natural.Layout(
