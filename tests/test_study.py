@@ -19,12 +19,15 @@ METHODS = ("supervised", "mean_teacher")
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The grid's four runs are subprocesses, each compiling its own step (about 200 s of the suite on
+# 2 cores): behind `slow`, with every test that reads them; the argument checks below run always.
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     return out, study.run_study(out, METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
 
 
+@pytest.mark.slow
 def test_every_run_is_recorded_with_its_command(report):
     out, result = report
     assert [(r["method"], r["labeled_patients"], r["seed"]) for r in result["runs"]] == [
@@ -37,6 +40,7 @@ def test_every_run_is_recorded_with_its_command(report):
     assert json.loads((out / "study.json").read_text())["cells"] == result["cells"]
 
 
+@pytest.mark.slow
 def test_cells_are_mean_and_sample_std_over_seeds(report):
     _, result = report
     for method in METHODS:
@@ -48,6 +52,7 @@ def test_cells_are_mean_and_sample_std_over_seeds(report):
         assert cell["seeds"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_markdown_has_a_row_per_method(report):
     out, result = report
     text = (out / "study.md").read_text()
@@ -56,6 +61,7 @@ def test_markdown_has_a_row_per_method(report):
         assert f"| {method} | {cell['dice']:.1f} ± {cell['dice_std']:.1f} / " in text
 
 
+@pytest.mark.slow
 def test_a_second_call_reuses_finished_runs(report):
     out, result = report
     again = study.run_study(out, METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
@@ -63,6 +69,7 @@ def test_a_second_call_reuses_finished_runs(report):
     assert again["this_call_s"] < 30
 
 
+@pytest.mark.slow
 def test_commands_name_the_workdirs_as_the_call_names_the_study(report, monkeypatch):
     """A study continued with a relative --out records relative workdirs (results files are
     committed; they should not carry the machine's absolute paths)."""
@@ -75,6 +82,7 @@ def test_commands_name_the_workdirs_as_the_call_names_the_study(report, monkeypa
     assert f"--out={out.name} " in again["command"]
 
 
+@pytest.mark.slow
 def test_the_command_line_continues_a_finished_study(report):
     out, result = report
     command = [sys.executable, "-m", "arco_jax.study", f"--out={out}", f"--methods={','.join(METHODS)}",

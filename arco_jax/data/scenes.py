@@ -10,8 +10,9 @@ own; backgrounds of duller low-frequency colour fields with fine texture, and ba
 (scale change), painted in depth order so that later objects occlude earlier ones, some cut by
 the image border; an illumination gradient, noise and a slight blur; and an ignore band of
 `border` pixels (255) along every object boundary, as VOC's void outlines. A surface is an
-object's canonical one with probability `texture_fidelity` and another class's otherwise, so the
-shape has to be read too (an object off its surface takes any hue as well).
+object's canonical one with probability `texture_fidelity` and one drawn from all five otherwise,
+and, independently, its hue is its class's with that probability and any hue otherwise, so the
+shape has to be read too.
 
 Written in the layout arco_jax.data.scenes reads (any copy of it serves as data.data_dir):
   images/<id>.png    RGB images (H x W)
@@ -67,7 +68,8 @@ class ScenesConfig:
     splits: images in (train, val). image_size: (H, W). objects: inclusive range per image.
     scale: an object's size as a fraction of the image's shorter side (min, max).
     border: width in pixels of the ignore band on each side of an object boundary (0: none).
-    texture_fidelity: probability that an object wears its class's own surface.
+    texture_fidelity: probability that an object wears its class's own surface (and, drawn
+      separately, its class's hue).
     """
 
     splits: tuple[int, int] = (240, 48)
