@@ -52,24 +52,10 @@ CITYSCAPES_COLOURS = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 1
                       (0, 80, 100), (0, 0, 230), (119, 11, 32))
 
 
-def voc_palette(count: int = 256) -> np.ndarray:
-    """Pascal VOC's colour map (the devkit's labelcolormap: the bits of the index spread over R, G
-    and B, high bits first): (count, 3) uint8; 0 black, 1 (128, 0, 0), ..., 255 (224, 224, 192)."""
-    palette = np.zeros((count, 3), np.uint8)
-    for index in range(count):
-        value, colour = index, [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                colour[channel] |= ((value >> channel) & 1) << (7 - bit)
-            value >>= 3
-        palette[index] = colour
-    return palette
-
-
 def palette_for(dataset: str) -> np.ndarray:
     """(256, 3) uint8 class colours: Cityscapes' for its 19 train ids (the rest VOC's map), VOC's
     colour map for Pascal and every other dataset."""
-    palette = voc_palette()
+    palette = natural.voc_palette()
     if dataset == "cityscapes":
         palette[:len(CITYSCAPES_COLOURS)] = CITYSCAPES_COLOURS
     return palette

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from arco_jax import train
 from arco_jax.config import ConfigError, base_config, validate
-from arco_jax.data import registry, scenes
+from arco_jax.data import natural, registry, scenes
 from configs import natural_demo
 
 SMALL = {"splits": (8, 3), "image_size": (48, 40)}
@@ -154,7 +154,7 @@ def voc_photo_folder(root, band: int = 2):
         rgb, lab = (voc["rgb"][:, ::-1], label[:, ::-1]) if flip else (voc["rgb"], label)
         Image.fromarray(np.ascontiguousarray(rgb)).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
         indexed = Image.fromarray(np.ascontiguousarray(lab), mode="P")
-        indexed.putpalette(scenes.voc_palette())
+        indexed.putpalette(natural.voc_palette().ravel().tolist())
         indexed.save(root / "SegmentationClassAug" / f"{name}.png")
     (root / "train_aug.txt").write_text("voc_sample\nvoc_sample_mirror\n")
     (root / "val.txt").write_text("voc_sample\n")

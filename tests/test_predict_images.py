@@ -176,7 +176,7 @@ def test_cityscapes_runs_resize_as_the_dataset_and_use_its_palette_and_label_ids
 def test_overlay_leaves_black_classes_untinted():
     rgb = np.full((2, 3, 3), 100, np.uint8)
     labels = np.array([[0, 1, 1], [0, 2, 15]], np.uint8)
-    palette = predict_images.voc_palette()
+    palette = natural.voc_palette()
     picture = predict_images.overlay(rgb, labels, palette)
     np.testing.assert_array_equal(picture[:, 0], 100)  # background: black in VOC's map
     np.testing.assert_array_equal(picture[0, 1], [114, 50, 50])  # (100 + (128, 0, 0)) / 2

@@ -62,6 +62,20 @@ def normalize_rgb(image: np.ndarray) -> np.ndarray:
     return ((np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 
+def voc_palette(count: int = 256) -> np.ndarray:
+    """Pascal VOC's colour map (the devkit's labelcolormap: the bits of the index spread over R, G
+    and B, high bits first): (count, 3) uint8; 0 black, 1 (128, 0, 0), ..., 255 (224, 224, 192)."""
+    palette = np.zeros((count, 3), np.uint8)
+    for index in range(count):
+        value, colour = index, [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                colour[channel] |= ((value >> channel) & 1) << (7 - bit)
+            value >>= 3
+        palette[index] = colour
+    return palette
+
+
 def _shown(values: np.ndarray) -> str:
     values = np.unique(values)
     text = ", ".join(str(v) for v in values[:_SHOWN].tolist())
@@ -501,24 +515,30 @@ def open_store(config: ml_collections.ConfigDict, name: str, layout: Layout, cod
     return folder_store(config, layout, codec)
 
 
+# The config.data fields every natural-image dataset has (its own fields may change the defaults).
+COMMON_FIELDS = {"labeled_images": 0, "labeled_split": "", "labeled_seed": 0, "source": "folder", "resize": (),
+                 "random_scale": True}
+
+
+def image_info(class_names: tuple[str, ...]) -> Callable[[ml_collections.ConfigDict], registry.DatasetInfo]:
+    """DatasetSpec.info of a natural-image dataset: RGB, 255 ignored, evaluated per image; the weak
+    view scales (data.random_scale) then crops and flips."""
+    def info(config):
+        scale = config.data.get("random_scale", True)
+        return registry.DatasetInfo(num_classes=len(class_names) + 1, class_names=class_names,
+                                    ignore_label=IGNORE_LABEL, spatial_rank=2, in_channels=3, eval_unit="image",
+                                    weak_augment="scale_crop_flip" if scale else "crop_flip", intensity="imagenet")
+    return info
+
+
 def make_spec(name: str, title: str, layout: Layout, codec: LabelCodec, class_names: tuple[str, ...],
               fields: dict, description: str) -> registry.DatasetSpec:
     """A registered natural-image dataset: RGB, 255 ignored, evaluated per image by mIoU; the weak
     view scales (data.random_scale) then crops and flips."""
-    num_classes = len(class_names) + 1
-
-    def info(config):
-        scale = config.data.get("random_scale", True)
-        return registry.DatasetInfo(num_classes=num_classes, class_names=class_names, ignore_label=IGNORE_LABEL,
-                                    spatial_rank=2, in_channels=3, eval_unit="image",
-                                    weak_augment="scale_crop_flip" if scale else "crop_flip", intensity="imagenet")
-
     def open_dataset(config):
         check_fields(config, name, layout)
         return NaturalDataset(config, open_store(config, name, layout, codec), title)
 
-    common = {"labeled_images": 0, "labeled_split": "", "labeled_seed": 0, "source": "folder", "resize": (),
-              "random_scale": True}
-    return registry.DatasetSpec(name=name, fields=lambda: {**common, **fields}, info=info,
+    return registry.DatasetSpec(name=name, fields=lambda: {**COMMON_FIELDS, **fields}, info=image_info(class_names),
                                 validate=lambda config: validate(config, name, layout), open=open_dataset,
                                 description=description)

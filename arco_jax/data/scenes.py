@@ -46,21 +46,6 @@ CLASS_HUES = tuple(i / len(CLASS_NAMES) for i in range(len(CLASS_NAMES)))  # typ
 HUE_SPREAD = 0.15  # an object's hue: its class's +- this (classes' ranges overlap)
 
 
-def voc_palette() -> list[int]:
-    """Pascal VOC's colour map (bit-interleaved class index), flattened for PIL's putpalette."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 @dataclasses.dataclass(frozen=True)
 class ScenesConfig:
     """What defines one scene set (everything that changes its bytes).
@@ -229,7 +214,7 @@ def render(config: ScenesConfig, number: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write_scenes(root: str | Path, config: ScenesConfig) -> Path:
     """Write the scene set into root (complete or not at all; never overwrites)."""
-    palette = voc_palette()
+    palette = natural.voc_palette().ravel().tolist()
 
     def layout(staging: Path) -> dict:
         (staging / IMAGE_DIR).mkdir()
@@ -326,17 +311,9 @@ def _open(config):
     return natural.NaturalDataset(resolved, natural.folder_store(resolved, LAYOUT, CODEC), "synthetic scenes")
 
 
-def _info(config) -> registry.DatasetInfo:
-    scale = config.data.get("random_scale", True)
-    return registry.DatasetInfo(num_classes=NUM_CLASSES, class_names=CLASS_NAMES, ignore_label=IGNORE_LABEL,
-                                spatial_rank=2, in_channels=3, eval_unit="image",
-                                weak_augment="scale_crop_flip" if scale else "crop_flip", intensity="imagenet")
-
-
 def _fields() -> dict:
     defaults = ScenesConfig()
-    return {"labeled_images": 12, "labeled_split": "", "labeled_seed": 0, "source": "folder", "resize": (),
-            "random_scale": True,
+    return {**natural.COMMON_FIELDS, "labeled_images": 12,
             "cache_dir": "",  # '' -> $ARCO_JAX_CACHE or ~/.cache/arco_jax
             "scenes": {"splits": defaults.splits, "image_size": defaults.image_size, "objects": defaults.objects,
                        "scale": defaults.scale, "border": defaults.border,
@@ -345,6 +322,6 @@ def _fields() -> dict:
 
 NAME = "scenes"
 SCENES = registry.DatasetSpec(
-    name=NAME, fields=_fields, info=_info, validate=_validate, open=_open,
+    name=NAME, fields=_fields, info=natural.image_info(CLASS_NAMES), validate=_validate, open=_open,
     description="built-in synthetic RGB scenes (5 object classes, 255 ignored; generated on first use), "
                 "per-image mIoU")
