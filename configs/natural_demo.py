@@ -28,7 +28,13 @@ def get_config(config_string: str | None = None):
     d.labeled_images = 20
     d.num_workers = 0  # 96 px PNGs: reading in the main process is cheaper than worker processes
     config.eval.pad_multiple = 1  # every image is 96 x 96: one compiled shape
-    return small_recipe(config, config_string)
+    config = small_recipe(config, config_string)
+    # Each scene class has a typical hue (scenes.CLASS_HUES, 0.2 apart): ReCo's hue jitter of
+    # +-0.25, made for photographs, would turn one class's colour into another's.
+    config.augment.hue = 0.05
+    if config.method.startswith("arco_"):
+        config.loss_weights.contrast = 0.1  # a network from scratch: ReCo's 1 outweighs the rest
+    return config
 
 
 def small_recipe(config, config_string: str | None = None):
@@ -42,7 +48,7 @@ def small_recipe(config, config_string: str | None = None):
     config.arco.remat_student = False  # small passes fit anywhere
     config.optim.learning_rate = 0.1  # from scratch, not ReCo's 2.5e-3 for an ImageNet backbone
     t = config.train
-    t.steps, t.log_every, t.eval_every, t.checkpoint_every = 2000, 100, 500, 500
+    t.steps, t.log_every, t.eval_every, t.checkpoint_every = 1600, 100, 400, 400
     a = config.arco
     a.num_anchors, a.num_negatives = 64, 128
     a.bank_size = a.bank_size_background = 4096

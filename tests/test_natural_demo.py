@@ -13,7 +13,7 @@ from scipy import ndimage
 from arco_jax import train
 from arco_jax.config import ConfigError, base_config, validate
 from arco_jax.data import natural, registry, scenes
-from configs import natural_demo
+from configs import natural_demo, pascal
 
 SMALL = {"splits": (8, 3), "image_size": (48, 40)}
 
@@ -130,10 +130,16 @@ def test_the_demo_config_is_the_pascal_recipe_at_toy_size():
     assert (m.name, m.deeplabv3plus.depth, m.deeplabv3plus.width, m.deeplabv3plus.channels, m.rep_dim) == (
         "deeplabv3plus", 18, 0.25, 64, 64)
     assert config.method == "arco_sg" and config.augment.mix == "classmix" and config.data.unlabeled_view == "crop"
-    assert config.loss_weights.contrast == 1.0 and config.eval.model == "teacher"
+    assert config.eval.model == "teacher" and config.loss_weights.unsup == 1.0
+    # The two departures from the Pascal recipe: a small hue jitter (the classes' typical hues
+    # are 0.2 apart) and the contrastive weight of a network trained from scratch.
+    assert config.augment.hue == 0.05 < pascal.get_config().augment.hue
+    assert config.loss_weights.contrast == 0.1
+    assert natural_demo.get_config("method=arco_sag").loss_weights.contrast == 0.1
     supervised = natural_demo.get_config("method=supervised")
     validate(supervised)
     assert supervised.method == "supervised" and supervised.loss_weights.unsup == 0.0
+    assert supervised.loss_weights.contrast == 0.0 and supervised.augment.hue == 0.05
 
 
 def voc_photo_folder(root, band: int = 2):
