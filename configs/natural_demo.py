@@ -10,8 +10,11 @@ the Pascal config's (configs/pascal.py: ReCo's views, ClassMix, colour jitter, C
 teacher evaluated by whole-image mIoU, ARCO-SG with 16 strata) at toy size: a ResNet-18 at a
 quarter of torchvision's widths with 64-channel ASPP and decoder, no pretrained weights, 80 px
 crops, 20 labeled images (the seeded class cover of every class, filled up) and 8 labeled + 8
-unlabeled images a step, 2000 steps, SGD at a
-learning rate for training from scratch, and smaller sampler and bank sizes. Presets after ':'
+unlabeled images a step, 1600 steps, SGD at a learning rate for training from scratch, and
+smaller sampler and bank sizes. Two departures from the recipe, measured in results/natural_demo:
+a hue jitter of 0.05 (ReCo's 0.25 swaps the classes' typical hues) and a contrastive weight of
+0.1 (ReCo's 1 outweighs the other terms of a network from scratch). ARCO-SG 32.8 against
+labeled-only 31.4 mIoU (val-selected), 8 and 3 minutes on a 2-core CPU. Presets after ':'
 as in configs/acdc.py (method=arco_sag, arco_ns, mean_teacher, supervised ...).
 """
 from arco_jax.config import base_config
