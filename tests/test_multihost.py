@@ -38,8 +38,8 @@ def free_port() -> int:
 def start_processes(config_path: Path, workdir: Path, env: dict, logs: list[Path], *flags: str,
                     per_process_flags=((), ()), cwds=(REPO, REPO)) -> list[subprocess.Popen]:
     port = free_port()
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=2", "")
-    one_device = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {flags}".strip()}
+    other_xla_flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=2", "")
+    one_device = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {other_xla_flags}".strip()}
     return [subprocess.Popen(
         cli_command(config_path, workdir, *flags, *per_process_flags[i], f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}"),
