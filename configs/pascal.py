@@ -114,12 +114,13 @@ def reco_settings(config):
     return config
 
 
-def reco_method(config, config_string: str | None = None):
-    """ARCO-SG (or the config string's method) with ReCo's loss weights: sup + unsup + contrast at 1."""
+def reco_method(config, config_string: str | None = None, contrast_weight: float = 1.0):
+    """ARCO-SG (or the config string's method) with ReCo's loss weights: sup + unsup + contrast at 1
+    (contrast_weight for a network that does not start from ReCo's ImageNet backbone)."""
     methods.apply_method(config, "arco_sg")
     config = methods.apply_config_string(config, config_string)
     w = config.loss_weights
     w.sup = 1.0
     if config.method.startswith("arco_"):
-        w.unsup, w.contrast, w.eqv, w.nn = 1.0, 1.0, 0.0, 0.0
+        w.unsup, w.contrast, w.eqv, w.nn = 1.0, contrast_weight, 0.0, 0.0
     return config
