@@ -1,5 +1,5 @@
-"""The phantom study: every method at several label budgets and seeds, on the built-in data,
-summarised as mean +- std over seeds of the test Dice and HD95.
+"""A study: every method at several label budgets and seeds, summarised as mean +- std over
+seeds of the test Dice and HD95. By default the phantom study, on the built-in data:
 
   python -m arco_jax.study --out=runs/phantom_study
 
@@ -9,6 +9,9 @@ numbers, wall time and command) and <out>/study.md (the table). A run whose resu
 is not run again, and an interrupted run resumes from its checkpoint, so the same command
 continues a study that was stopped. Compiled programs are cached in <out>/jax_cache: a method
 compiles once for all its budgets and seeds.
+
+--config names another study config (any config whose get_config takes "method=<preset>", such
+as configs/acdc_cpu.py for real ACDC); --override sets fields of every run (the data folder).
 
 Test numbers are those of the validation-selected checkpoint (the published protocol); the
 std is over seeds (sample std, n - 1).
@@ -27,16 +30,27 @@ import numpy as np
 from arco_jax import methods
 
 REPO = Path(__file__).resolve().parent.parent
-STUDY_CONFIG = REPO / "configs" / "phantom_study.py"
+STUDY_CONFIG = "configs/phantom_study.py"
 METHODS = ("supervised", "mean_teacher", "arco_ns", "arco_sg", "arco_sag")
 BUDGETS = (1, 3, 7)
 SEEDS = (0, 1, 2)
 
 
-def load_config(method: str, labeled_patients: int, seed: int, overrides: Sequence[str] = ()):
-    """configs/phantom_study.py with the method preset, the budget, the seed and any
-    `field=value` overrides (values parsed as Python literals when they are)."""
-    spec = importlib.util.spec_from_file_location("phantom_study_config", STUDY_CONFIG)
+def _config_file(config_path: str) -> Path:
+    """The config named as on the command line: relative to the working directory, else to the
+    repository (so `--config=configs/acdc_cpu.py` works from anywhere)."""
+    for path in (Path(config_path), REPO / config_path):
+        if path.is_file():
+            return path
+    raise ValueError(f"--config: {config_path!r} is not a file")
+
+
+def load_config(method: str, labeled_patients: int, seed: int, overrides: Sequence[str] = (),
+                config_path: str = STUDY_CONFIG):
+    """The study config with the method preset, the budget, the seed and any `field=value`
+    overrides (values parsed as Python literals when they are)."""
+    path = _config_file(config_path)
+    spec = importlib.util.spec_from_file_location(f"study_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(f"method={method}")
@@ -49,7 +63,11 @@ def load_config(method: str, labeled_patients: int, seed: int, overrides: Sequen
         node = config
         *parents, leaf = field.split(".")
         for name in parents:
+            if name not in node:
+                raise ValueError(f"override {override!r}: the config has no field {field!r}")
             node = node[name]
+        if leaf not in node:
+            raise ValueError(f"override {override!r}: the config has no field {field!r}")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
@@ -62,14 +80,16 @@ def run_name(method: str, labeled_patients: int, seed: int) -> str:
     return f"{method}_p{labeled_patients}_s{seed}"
 
 
-def command_line(method: str, labeled_patients: int, seed: int, workdir: Path, overrides: Sequence[str]) -> str:
+def command_line(method: str, labeled_patients: int, seed: int, workdir: Path, overrides: Sequence[str],
+                 config_path: str = STUDY_CONFIG) -> str:
     """The single-run command that reproduces one cell of the study."""
     extra = "".join(f" --config.{o}" for o in overrides)
-    return (f"python -m arco_jax.main --config=configs/phantom_study.py:method={method} "
+    return (f"python -m arco_jax.main --config={config_path}:method={method} "
             f"--config.data.labeled_patients={labeled_patients} --config.seed={seed}{extra} --workdir={workdir}")
 
 
-def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides: Sequence[str]) -> dict:
+def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides: Sequence[str],
+            config_path: str = STUDY_CONFIG) -> dict:
     from arco_jax import train  # pylint: disable=import-outside-toplevel
 
     workdir = out / "runs" / run_name(method, labeled_patients, seed)
@@ -78,8 +98,8 @@ def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides:
         record = json.loads(record_path.read_text())
         # The command names the workdir as this call's --out does (the run may have been made
         # with another spelling of the same folder).
-        return {**record, "command": command_line(method, labeled_patients, seed, workdir, overrides)}
-    config = load_config(method, labeled_patients, seed, overrides)
+        return {**record, "command": command_line(method, labeled_patients, seed, workdir, overrides, config_path)}
+    config = load_config(method, labeled_patients, seed, overrides, config_path)
     started = time.perf_counter()
     results = train.train_and_evaluate(config, workdir)
     best = results["test"]["best"]["mean"]
@@ -89,7 +109,7 @@ def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides:
               "test_asd": best["asd"],
               "test_dice_per_class": {c: v["dice"] for c, v in results["test"]["best"]["per_class"].items()},
               "wall_s": time.perf_counter() - started,
-              "command": command_line(method, labeled_patients, seed, workdir, overrides)}
+              "command": command_line(method, labeled_patients, seed, workdir, overrides, config_path)}
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
@@ -126,10 +146,12 @@ def _pm(mean: float, std: float, digits: int) -> str:
 def markdown(report: dict) -> str:
     cells, budgets = report["cells"], report["budgets"]
     header = "| Method | " + " | ".join(f"{b} patient{'s' if b > 1 else ''}: Dice % / HD95" for b in budgets) + " |"
+    config_path = report.get("config", STUDY_CONFIG)
+    title = "Phantom study" if config_path == STUDY_CONFIG else f"Study of {config_path}"
     lines = [
-        f"# Phantom study: test mean Dice (%) and HD95 (voxels), mean ± std over seeds {report['seeds']}",
+        f"# {title}: test mean Dice (%) and HD95 (voxels), mean ± std over seeds {report['seeds']}",
         "",
-        f"configs/phantom_study.py ({report['steps']} steps, {report['image_size']} px), validation-selected "
+        f"{config_path} ({report['steps']} steps, {report['image_size']} px), validation-selected "
         f"checkpoint, empty-mask policy {report['empty_policy']}. Total wall time "
         f"{report['wall_s'] / 60:.1f} min on {report['machine']}.",
         "",
@@ -150,7 +172,7 @@ def markdown(report: dict) -> str:
 
 
 def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: Sequence[int] = BUDGETS,
-              seeds: Sequence[int] = SEEDS, overrides: Sequence[str] = ()) -> dict:
+              seeds: Sequence[int] = SEEDS, overrides: Sequence[str] = (), config_path: str = STUDY_CONFIG) -> dict:
     import jax  # pylint: disable=import-outside-toplevel
 
     from arco_jax import benchmark  # pylint: disable=import-outside-toplevel
@@ -159,21 +181,22 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
     for method in method_names:
         if method not in methods.METHODS:
             raise ValueError(f"--methods: {method!r} is not one of {', '.join(methods.METHODS)}")
+    # Every field is checked before the first run starts: a typo must not cost a day's runs.
+    config = load_config(method_names[0], budgets[0], seeds[0], overrides, config_path)
     out.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     started = time.perf_counter()
-    records = [run_one(out, m, b, s, overrides) for m in method_names for b in budgets for s in seeds]
-    config = load_config(method_names[0], budgets[0], seeds[0], overrides)
+    records = [run_one(out, m, b, s, overrides, config_path) for m in method_names for b in budgets for s in seeds]
     report = {
-        "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
+        "config": config_path, "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
         "overrides": list(overrides), "steps": config.train.steps, "image_size": config.data.patch_size[0],
         "empty_policy": config.eval.empty_policy,
         "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
         "machine": f"{benchmark.environment()['cpu_count']}-core {benchmark.environment()['processor']} "
                    f"({benchmark.environment()['platform']}), JAX {jax.__version__}",
         "command": "python -m arco_jax.study " + " ".join(
-            [f"--out={out}", f"--methods={','.join(method_names)}", f"--budgets={','.join(map(str, budgets))}",
+            [*([f"--config={config_path}"] if config_path != STUDY_CONFIG else []), f"--out={out}", f"--methods={','.join(method_names)}", f"--budgets={','.join(map(str, budgets))}",
              f"--seeds={','.join(map(str, seeds))}", *[f"--override={o}" for o in overrides]]),
         "cells": summarize(records, method_names, budgets),
         "runs": records,
@@ -190,13 +213,15 @@ def main(argv) -> None:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
-    report = run_study(f.out, f.methods, [int(b) for b in f.budgets], [int(s) for s in f.seeds], f.override)
+    report = run_study(f.out, f.methods, [int(b) for b in f.budgets], [int(s) for s in f.seeds], f.override,
+                       f.config)
     print(markdown(report))
 
 
 if __name__ == "__main__":
     from absl import app, flags
 
+    flags.DEFINE_string("config", STUDY_CONFIG, "Study config: get_config takes 'method=<preset>'.")
     flags.DEFINE_string("out", "runs/phantom_study", "Study folder (runs/, study.json, study.md).")
     flags.DEFINE_list("methods", list(METHODS), "Method presets (arco_jax/methods/presets.py).")
     flags.DEFINE_list("budgets", [str(b) for b in BUDGETS], "Labeled patients.")

@@ -99,3 +99,27 @@ def test_bad_method_and_override_are_named(tmp_path):
         study.run_study(tmp_path, ("arco_xx",))
     with pytest.raises(ValueError, match="override 'train.steps' is not field=value"):
         study.load_config("arco_sg", 3, 0, ("train.steps",))
+
+
+def test_another_study_config_names_itself_in_every_command(tmp_path):
+    """configs/acdc_cpu.py (the real-ACDC study) loads through --config with its own schedule, and
+    its single-run commands name it, so a cell of that study is reproduced with its own config."""
+    config = study.load_config("arco_sag", 7, 1, ("data.data_dir=data/ACDC",), "configs/acdc_cpu.py")
+    assert (config.train.steps, tuple(config.data.patch_size), config.pretrain.steps) == (1000, (128, 128), 0)
+    assert (config.data.labeled_patients, config.seed, config.data.data_dir) == (7, 1, "data/ACDC")
+    assert config.arco.sampler == "sag"
+    command = study.command_line("arco_sag", 7, 1, tmp_path, ("data.data_dir=data/ACDC",), "configs/acdc_cpu.py")
+    assert command.startswith("python -m arco_jax.main --config=configs/acdc_cpu.py:method=arco_sag ")
+    assert "--config.data.data_dir=data/ACDC" in command
+    text = study.markdown({"config": "configs/acdc_cpu.py", "cells": {}, "budgets": [3], "seeds": [0],
+                           "methods": ["arco_sag"], "steps": 1000, "image_size": 128, "empty_policy": "x",
+                           "wall_s": 60.0, "machine": "m"})
+    assert text.startswith("# Study of configs/acdc_cpu.py: ") and "| arco_sag | – |" in text
+
+
+def test_a_missing_config_or_field_stops_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="--config: 'configs/nope.py' is not a file"):
+        study.run_study(tmp_path / "out", ("supervised",), config_path="configs/nope.py")
+    with pytest.raises(ValueError, match="the config has no field 'data.data_dri'"):
+        study.run_study(tmp_path / "out", ("supervised",), overrides=("data.data_dri=x",))
+    assert not (tmp_path / "out").exists()
