@@ -162,7 +162,7 @@ REFERENCE_BANK_MAX_PROB = 0.97
 REFERENCE_BANK_RANKS = (3, 20)
 
 
-def _contrast_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def contrast_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(anchor, enqueue, negative) keys of one contrastive term."""
     anchor_key, enqueue_key, negative_key = jax.random.split(key, 3)
     return anchor_key, enqueue_key, negative_key
@@ -234,7 +234,7 @@ def update_bank(key: jax.Array, fwd: Forward, teacher: HeadInputs, labels: jax.A
     a = fwd.config.arco
     num_classes = teacher_probs.shape[-1]
     grid = labels.shape
-    _, enqueue_key, _ = _contrast_keys(key)
+    _, enqueue_key, _ = contrast_keys(key)
     masks = bank_candidates(labels, teacher_probs, high, num_labeled, a.negatives).reshape(num_classes, -1)
     keys = jax.random.split(enqueue_key, num_classes)
     if a.negatives == "other_classes":
@@ -245,6 +245,48 @@ def update_bank(key: jax.Array, fwd: Forward, teacher: HeadInputs, labels: jax.A
     return memory.bank_push(losses.l2_normalize(reps), valid)
 
 
+def class_prototypes(fwd: Forward, teacher: HeadInputs, reliable: jax.Array) -> jax.Array:
+    """(C, D) positives: the teacher's mean representation over each class's reliable pixels
+    (reliable (C, B, *spatial)), not normalised."""
+    region_sums, region_weights = fwd.head("teacher", "region_sums", *teacher,
+                                           jnp.moveaxis(reliable, 0, 1).astype(jnp.float32))
+    return fwd.head("teacher", "output", jnp.sum(region_sums, 0)
+                    / jnp.maximum(jnp.sum(region_weights, 0), 1.0)[:, None])
+
+
+def class_anchors(key: jax.Array, fwd: Forward, student: HeadInputs, anchor_mask: jax.Array,
+                  grid: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(anchors (C, n, D), has_anchors (C,)): projected student representations at n pixels of
+    each class's anchor mask (C, B, *spatial), drawn with the configured sampler and strata."""
+    a = fwd.config.arco
+    num_classes = anchor_mask.shape[0]
+    sample = jax.vmap(lambda k, m: sampling.sample(
+        k, m, a.num_anchors, method=a.sampler, num_strata=a.num_strata, layout=a.strata,
+        spatial_shape=grid if a.strata == "spatial" else None, spatial_rank=len(grid) - 1))
+    anchor_index, has_anchors = sample(jax.random.split(key, num_classes), anchor_mask.reshape(num_classes, -1))
+    anchors = fwd.project(fwd.head("student", "fine_at_pixels", *student, *_pixels(anchor_index, grid)))
+    return anchors, has_anchors
+
+
+def class_negatives(key: jax.Array, config: ml_collections.ConfigDict, bank: memory.ClassBank | memory.PushedBank,
+                    c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(negatives (n, m, D), any drawn) of class c, from a static-shape mask over the rows of
+    all banks: 'other_classes', filled rows of the other classes' banks; 'reference', the rows
+    of bank c plus its zero row while the bank is not full."""
+    a = config.arco
+    classes = jnp.arange(bank.count.shape[0])
+    if a.negatives == "other_classes":
+        rows = bank.filled & (classes != c)[:, None]
+    else:
+        rows = bank.filled_and_zero_row & (classes == c)[:, None]
+    draw_key, shuffle_key = jax.random.split(key)
+    index, ok = sampling.sample(draw_key, rows.reshape(-1), a.num_anchors * a.num_negatives, method=a.sampler,
+                                num_strata=a.num_strata, layout="index")
+    # Samplers return slots stratum by stratum: shuffle so each anchor sees all strata.
+    index = jax.random.permutation(shuffle_key, index)
+    return bank.rows(index).reshape(a.num_anchors, a.num_negatives, -1), ok
+
+
 def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,
                        labels: jax.Array, teacher_probs: jax.Array, low: jax.Array,
                        bank: memory.ClassBank | memory.PushedBank):
@@ -252,57 +294,29 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
     negatives; the bank is read, never written. Returns (per_class_loss (C,), counted (C,),
     present (C,)); `losses.class_average` of them is the contrastive loss.
 
-    counted: the class is present and has anchors and negatives. Negatives of class c:
-    'other_classes', filled rows of the other classes' banks; 'reference', the rows of bank c
-    plus its zero row while the bank is not full (the reference's initial zero vector: while
-    the bank is empty, every negative logit is 0).
+    counted: the class is present and has anchors and negatives (`class_negatives`; with
+    'reference' negatives, while a bank is empty every negative logit is 0, as the reference's
+    initial zero vector makes it).
     """
     a = fwd.config.arco
     num_classes = teacher_probs.shape[-1]
-    grid = labels.shape  # (B, H, W)
-    anchor_key, _, negative_key = _contrast_keys(key)
-    classes = jnp.arange(num_classes)
+    anchor_key, _, negative_key = contrast_keys(key)
     reliable, anchor_mask = anchor_masks(labels, low, teacher_probs, a.anchor_prob_threshold)
     present = jnp.any(reliable.reshape(num_classes, -1), axis=1)
-
-    # Positives: mean teacher representation over each class's reliable pixels.
-    region_sums, region_weights = fwd.head("teacher", "region_sums", *teacher,
-                                           jnp.moveaxis(reliable, 0, 1).astype(jnp.float32))
-    prototypes = fwd.head("teacher", "output", jnp.sum(region_sums, 0)
-                          / jnp.maximum(jnp.sum(region_weights, 0), 1.0)[:, None])
-
-    # Anchors: student representations at reliable pixels the teacher also believes in.
-    sample = jax.vmap(lambda k, m: sampling.sample(
-        k, m, a.num_anchors, method=a.sampler, num_strata=a.num_strata, layout=a.strata,
-        spatial_shape=grid if a.strata == "spatial" else None, spatial_rank=len(grid) - 1))
-    anchor_index, has_anchors = sample(jax.random.split(anchor_key, num_classes),
-                                       anchor_mask.reshape(num_classes, -1))
-    anchors = fwd.project(fwd.head("student", "fine_at_pixels", *student,
-                                   *_pixels(anchor_index, grid)))  # (C, n, D)
-
-    # Negatives: a static-shape mask over the rows of all banks.
-    num_draws = a.num_anchors * a.num_negatives
-    if a.negatives == "other_classes":
-        rows_for = lambda c: bank.filled & (classes != c)[:, None]  # noqa: E731
-    else:
-        rows_for = lambda c: bank.filled_and_zero_row & (classes == c)[:, None]  # noqa: E731
+    prototypes = class_prototypes(fwd, teacher, reliable)
+    anchors, has_anchors = class_anchors(anchor_key, fwd, student, anchor_mask, labels.shape)
 
     # Rematerialised: a class's negatives (num_anchors x num_negatives x rep_dim, 260 MB at the
     # ACDC settings) are gathered again in the backward pass instead of being kept for every
     # class, which would hold about 2 GB of residuals through the step.
     @jax.checkpoint
     def one_class(args):
-        k, c, class_anchors, prototype = args
-        draw_key, shuffle_key = jax.random.split(k)
-        index, ok = sampling.sample(draw_key, rows_for(c).reshape(-1), num_draws, method=a.sampler,
-                                    num_strata=a.num_strata, layout="index")
-        # Samplers return slots stratum by stratum: shuffle so each anchor sees all strata.
-        index = jax.random.permutation(shuffle_key, index)
-        negatives = bank.rows(index).reshape(a.num_anchors, a.num_negatives, -1)
-        return losses.info_nce(class_anchors, prototype, negatives, a.temperature), ok
+        k, c, class_anchors_, prototype = args
+        negatives, ok = class_negatives(k, fwd.config, bank, c)
+        return losses.info_nce(class_anchors_, prototype, negatives, a.temperature), ok
 
     per_class_loss, has_negatives = jax.lax.map(
-        one_class, (jax.random.split(negative_key, num_classes), classes, anchors, prototypes))
+        one_class, (jax.random.split(negative_key, num_classes), jnp.arange(num_classes), anchors, prototypes))
     return per_class_loss, has_anchors & has_negatives & present, present
 
 

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arco_jax import inference, sampling, train, variance
+from arco_jax import contrast_geometry, inference, objective, sampling, train, variance
+from arco_jax.data import registry
+from arco_jax.state import build_networks
 
 import tiny
 
@@ -233,3 +235,62 @@ def test_missing_run_files_are_named(tmp_path, study):
     (tmp_path / "config.json").write_text((study.workdir / "config.json").read_text())
     with pytest.raises(inference.WorkdirError, match=re.escape(str(tmp_path / "checkpoints" / "best"))):
         variance.run_study(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the contrast floor probe
+
+def test_best_direction_finds_the_analytic_optimum():
+    """Positive e1, every negative at e2: the best anchor is (e1 - e2) / sqrt 2, whose logit gap
+    is sqrt 2 / T, so the floor is ln(1 + m exp(-sqrt 2 / T)); the prototype itself gets 1 / T."""
+    m, temperature = 8, 0.5
+    prototype = jnp.array([2.0, 0.0, 0.0])  # not normalised: the term normalises it
+    negatives = jnp.broadcast_to(jnp.array([0.0, 1.0, 0.0]), (3, m, 3))
+    best = float(contrast_geometry.best_direction_loss(prototype, negatives, temperature, steps=300))
+    assert best == pytest.approx(np.log1p(m * np.exp(-np.sqrt(2) / temperature)), abs=1e-3)
+    assert best < np.log1p(m * np.exp(-1 / temperature))
+
+
+@pytest.fixture(scope="module")
+def geometry(study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("geometry")
+    return contrast_geometry.run_probe(study.workdir, checkpoint="last", batches=BATCHES, steps=20, out=out), out
+
+
+def test_trained_term_is_the_train_steps_class_term(study, geometry):
+    """'trained' is objective.per_class_contrast's class term for the same inputs and key, the
+    floors are ordered (ideal <= best <= at_prototype) and the cosines are cosines."""
+    report, out = geometry
+    config, state, _, _ = variance.restore_run(study.workdir, "last")
+    nets = build_networks(config)
+    streams = train.make_streams(config, registry.open_dataset(config))
+    try:
+        inputs_key, draw_key = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))
+        inputs = variance.contrast_inputs(state, variance.next_batch(streams), inputs_key, config, nets)
+    finally:
+        streams.close()
+    fwd = objective.Forward(config, nets, state.params, state.teacher, {})
+    per_class, counted, _ = objective.per_class_contrast(
+        draw_key, fwd, objective.head_inputs(fwd, "student", inputs.features), inputs.teacher, inputs.labels,
+        inputs.teacher_probs, inputs.low, inputs.bank)
+    first = report["per_batch"][0]
+    assert first["counted"] == np.asarray(counted).tolist() and any(first["counted"])
+    np.testing.assert_allclose(first["trained"], np.asarray(per_class), rtol=1e-4, atol=1e-5)
+    s = report["settings"]
+    for b in report["per_batch"]:
+        for c, on in enumerate(b["counted"]):
+            if on:
+                assert s["ideal"] - 1e-4 <= b["best"][c] <= b["at_prototype"][c] + 1e-5
+                assert -1 <= b["cos_anchor_negative"][c] <= 1 and -1 <= b["cos_prototype_negative"][c] <= 1
+    assert s["chance"] == pytest.approx(np.log1p(config.arco.num_negatives))
+    text = (out / "contrast_geometry.md").read_text()
+    for name, row in report["summary"].items():
+        if row["batches"]:
+            assert f"| {name} | {row['batches']} | {row['trained']:.3f} | {row['at_prototype']:.3f} | " in text
+    assert json.loads((out / "contrast_geometry.json").read_text())["summary"] == report["summary"]
+
+
+@pytest.mark.parametrize("kwargs, message", [({"batches": 0}, "--batches must be an integer >= 1"),
+                                             ({"steps": 0}, "--steps must be an integer >= 1")])
+def test_probe_bad_arguments_name_the_flag(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        contrast_geometry.run_probe(tmp_path, **kwargs)
