@@ -38,6 +38,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 
 from arco_jax import files, parallel
+from arco_jax.data.natural import voc_palette
 from arco_jax.errors import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
@@ -202,20 +203,6 @@ def eval_scalars(split: str, metrics: dict, record: dict) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- overlays
 
-def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8: the Pascal VOC colour map (class 1 dark red, 2 green, 3 olive,
-    4 dark blue, ...), which segmentation readers know."""
-    colours = np.zeros((num_classes, 3), np.uint8)
-    for k in range(num_classes):
-        c, value = k, [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                value[channel] |= ((c >> channel) & 1) << (7 - bit)
-            c >>= 3
-        colours[k] = value
-    return colours
-
-
 def _grey(image: np.ndarray) -> np.ndarray:
     """(H, W[, C]) -> (H, W, 3) float in [0, 1], stretched between the 1st and 99th percentile."""
     image = np.asarray(image, np.float32)
@@ -245,7 +232,7 @@ def overlay(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, num_cl
     factor = max(1, min_size // max(label.shape))
     grow = lambda a: np.repeat(np.repeat(np.asarray(a), factor, 0), factor, 1)  # noqa: E731
     grey, label, prediction = grow(_grey(image)), grow(label).astype(np.int64), grow(prediction).astype(np.int64)
-    colours = palette(num_classes).astype(np.float32) / 255.0
+    colours = voc_palette(num_classes).astype(np.float32) / 255.0
     ignored = (label == ignore_label) if ignore_label is not None else np.zeros(label.shape, bool)
     truth = np.where(ignored, 0, np.clip(label, 0, num_classes - 1))
 
@@ -299,7 +286,7 @@ def legend(class_names, num_classes: int) -> str:
     """Markdown: the overlays' colour of each class."""
     names = ["background", *class_names][:num_classes]
     rows = [f"| {k} | {name} | #{''.join(f'{c:02x}' for c in colour)} |"
-            for k, (name, colour) in enumerate(zip(names, palette(num_classes))) if k > 0]
+            for k, (name, colour) in enumerate(zip(names, voc_palette(num_classes))) if k > 0]
     return ("Overlays: image | prediction (ground-truth outlines in white) | ground truth.\n\n"
             "| label | class | colour |\n|---|---|---|\n" + "\n".join(rows))
 

@@ -23,6 +23,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.record_writer import masked_crc32c
 
 from arco_jax import files, monitoring, parallel, train
+from arco_jax.data.natural import voc_palette
 from arco_jax.config import ConfigError
 from arco_jax.state import stage_terms
 
@@ -244,7 +245,7 @@ def test_overlay_panels_colour_prediction_truth_outline_and_ignored_pixels():
     picture = monitoring.overlay(image, label, prediction, num_classes=4, ignore_label=255, min_size=16)
     assert picture.shape == (16, 3 * 16 + 8, 3) and picture.dtype == np.uint8
     image_panel, predicted, truth = picture[:, :16], picture[:, 20:36], picture[:, 40:56]
-    colours = monitoring.palette(4)
+    colours = voc_palette(4)
     assert (np.ptp(image_panel.astype(int), axis=-1) == 0).all()  # grey
     grey = image_panel.astype(float) / 255
     # Ground truth: class 1 at (2..5) (pixels doubled), half grey, half its colour.
@@ -259,7 +260,7 @@ def test_overlay_panels_colour_prediction_truth_outline_and_ignored_pixels():
 
 
 def test_palette_colours_are_distinct_and_background_is_black():
-    colours = monitoring.palette(21)
+    colours = voc_palette(21)
     assert (colours[0] == 0).all() and len({tuple(c) for c in colours}) == 21
     assert tuple(colours[1]) == (128, 0, 0) and tuple(colours[2]) == (0, 128, 0)
 
