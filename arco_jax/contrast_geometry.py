@@ -142,6 +142,7 @@ def markdown_report(report: dict) -> str:
 def run_probe(workdir: epath.PathLike, *, checkpoint: str | int = "best", batches: int = 4, steps: int = 100,
               out: epath.PathLike | None = None, seed: int = 0) -> dict:
     """Measure the term and its floors on a trained run; write contrast_geometry.json and .md."""
+    named = str(workdir)  # as the user wrote it: reports are committed, machine paths are not
     workdir = files.workdir_path(workdir)
     if not (isinstance(batches, int) and batches >= 1):
         raise ValueError(f"--batches must be an integer >= 1, got {batches!r}")
@@ -173,7 +174,7 @@ def run_probe(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
 
     a = config.arco
     report = {
-        "run": {"workdir": str(workdir), "checkpoint": directory, "step": step, "dataset": config.data.dataset,
+        "run": {"workdir": named, "checkpoint": directory, "step": step, "dataset": config.data.dataset,
                 "sampler": a.sampler, "contrast_weight": config.loss_weights.contrast},
         "settings": {"batches": batches, "steps": steps, "seed": seed, "num_anchors": a.num_anchors,
                      "num_negatives": a.num_negatives, "temperature": a.temperature,

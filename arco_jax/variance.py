@@ -367,6 +367,7 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
               samplers: Sequence[str] = sampling.SAMPLERS, strata: Sequence[str] = sampling.LAYOUTS,
               out: epath.PathLike | None = None, seed: int = 0) -> dict:
     """Measure the estimators on a trained run and write variance.json, .md and .png to `out`."""
+    named = str(workdir)  # as the user wrote it: reports are committed, machine paths are not
     workdir = files.workdir_path(workdir)
     if not (isinstance(batches, int) and batches >= 1):
         raise ValueError(f"--batches must be an integer >= 1, got {batches!r}")
@@ -409,7 +410,7 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
     names = [e.name for e in estimators]
     a = config.arco
     report = {
-        "run": {"workdir": str(workdir), "checkpoint": directory, "step": step,
+        "run": {"workdir": named, "checkpoint": directory, "step": step,
                 "dataset": config.data.dataset, "trained_sampler": a.sampler, "trained_strata": a.strata},
         "settings": {"batches": batches, "draws": draws, "seed": seed, "num_anchors": a.num_anchors,
                      "num_negatives": a.num_negatives, "num_strata": a.num_strata, "temperature": a.temperature,

@@ -252,8 +252,16 @@ def test_best_direction_finds_the_analytic_optimum():
 
 @pytest.fixture(scope="module")
 def geometry(study, tmp_path_factory):
+    """The probe on the study's run, named relative to the working directory as a user would."""
     out = tmp_path_factory.mktemp("geometry")
-    return contrast_geometry.run_probe(study.workdir, checkpoint="last", batches=BATCHES, steps=20, out=out), out
+    cwd = os.getcwd()
+    os.chdir(study.workdir.parent)
+    try:
+        report = contrast_geometry.run_probe(Path(study.workdir.name), checkpoint="last", batches=BATCHES, steps=20,
+                                             out=out)
+    finally:
+        os.chdir(cwd)
+    return report, out
 
 
 def test_trained_term_is_the_train_steps_class_term(study, geometry):
@@ -275,6 +283,7 @@ def test_trained_term_is_the_train_steps_class_term(study, geometry):
     first = report["per_batch"][0]
     assert first["counted"] == np.asarray(counted).tolist() and any(first["counted"])
     np.testing.assert_allclose(first["trained"], np.asarray(per_class), rtol=1e-4, atol=1e-5)
+    assert report["run"]["workdir"] == study.workdir.name  # committed reports carry no machine paths
     s = report["settings"]
     for b in report["per_batch"]:
         for c, on in enumerate(b["counted"]):
