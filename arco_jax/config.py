@@ -96,6 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.arco.num_anchors = 256
     c.arco.num_negatives = 512
     c.arco.temperature = 0.5
+    # (ablation) True: anchors pass the student's projector (paper and code). False: they are the
+    # head's own representations, in the space of the teacher's positive and negatives, so the
+    # term can only fall if the head separates the classes (with the projector it can align the
+    # anchors to the prototypes and leave the teacher's geometry as it is).
+    c.arco.project_anchors = True
     c.arco.bank_size = 30000
     c.arco.bank_size_background = 50000
     c.arco.bank_enqueue = 1024  # Teacher pixels pushed into each class bank per step.
@@ -371,6 +376,7 @@ def validate(c: ml_collections.ConfigDict, device_count: int | None = None, *, p
     _choice(a.negatives, "arco.negatives", NEGATIVE_SOURCES)
     _choice(a.nn_gradient, "arco.nn_gradient", NN_GRADIENTS)
     _choice(a.warp_pseudo_labels, "arco.warp_pseudo_labels", (True, False))
+    _choice(a.project_anchors, "arco.project_anchors", (True, False))
     _choice(a.remat_student, "arco.remat_student", (True, False, None))
     for field in ("consistency_rampup", "consistency_noise"):
         if not (isinstance(a[field], (int, float)) and a[field] >= 0):

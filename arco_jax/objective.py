@@ -256,16 +256,17 @@ def class_prototypes(fwd: Forward, teacher: HeadInputs, reliable: jax.Array) -> 
 
 def class_anchors(key: jax.Array, fwd: Forward, student: HeadInputs, anchor_mask: jax.Array,
                   grid: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """(anchors (C, n, D), has_anchors (C,)): projected student representations at n pixels of
-    each class's anchor mask (C, B, *spatial), drawn with the configured sampler and strata."""
+    """(anchors (C, n, D), has_anchors (C,)): student representations at n pixels of each
+    class's anchor mask (C, B, *spatial), drawn with the configured sampler and strata, through
+    the projector unless arco.project_anchors is off."""
     a = fwd.config.arco
     num_classes = anchor_mask.shape[0]
     sample = jax.vmap(lambda k, m: sampling.sample(
         k, m, a.num_anchors, method=a.sampler, num_strata=a.num_strata, layout=a.strata,
         spatial_shape=grid if a.strata == "spatial" else None, spatial_rank=len(grid) - 1))
     anchor_index, has_anchors = sample(jax.random.split(key, num_classes), anchor_mask.reshape(num_classes, -1))
-    anchors = fwd.project(fwd.head("student", "fine_at_pixels", *student, *_pixels(anchor_index, grid)))
-    return anchors, has_anchors
+    anchors = fwd.head("student", "fine_at_pixels", *student, *_pixels(anchor_index, grid))
+    return (fwd.project(anchors) if a.project_anchors else anchors), has_anchors
 
 
 def class_negatives(key: jax.Array, config: ml_collections.ConfigDict, bank: memory.ClassBank | memory.PushedBank,

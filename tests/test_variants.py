@@ -367,6 +367,35 @@ def test_reference_negatives_degenerate_to_a_zero_vector_on_an_empty_bank(model)
     assert not np.any(results["other_classes"][1])  # no negatives: no class counted
 
 
+def test_unprojected_anchors_are_the_heads_representations(model):
+    """arco.project_anchors off: the class term of the one-pixel case above is computed from the
+    student head's representation itself, in the teacher's space, and differs from the
+    projected one."""
+    nets, _, state = model
+    images = jnp.asarray(np.random.default_rng(3).random((2, SIZE, SIZE, 1)), jnp.float32)
+    labels = np.zeros((2, SIZE, SIZE), np.int32)
+    low = np.zeros((2, SIZE, SIZE), bool)
+    pixels = [(0, 2, 3), (0, 9, 9), (1, 4, 12), (1, 13, 1)]
+    for c, (b, y, x) in enumerate(pixels):
+        labels[b, y, x], low[b, y, x] = c, True
+    probs = jnp.asarray(np.eye(NUM_CLASSES, dtype=np.float32)[labels] * 0.6 + 0.1)
+    results = {}
+    for project in (True, False):
+        config = with_settings(arco__negatives="reference", arco__project_anchors=project)
+        fwd = Forward(config, nets, state.params, state.teacher, state.batch_stats)
+        _, s_features = fwd.student(images, key(5))
+        _, t_features = fwd.teacher_net(images, key(6))
+        student, teacher = head_inputs(fwd, "student", s_features), head_inputs(fwd, "teacher", t_features)
+        results[project] = objective.per_class_contrast(key(4), fwd, student, teacher, jnp.asarray(labels), probs,
+                                                        jnp.asarray(low), state.methods["arco"].bank)[0]
+    b, y, x = (jnp.array(v) for v in zip(*pixels))
+    anchors = losses.l2_normalize(fwd.head("student", "fine_at_pixels", *student, b, y, x))
+    positives = losses.l2_normalize(fwd.head("teacher", "fine_at_pixels", *teacher, b, y, x))
+    s = np.sum(np.asarray(anchors) * np.asarray(positives), axis=1) / config.arco.temperature
+    np.testing.assert_allclose(results[False], np.log(np.exp(s) + config.arco.num_negatives) - s, rtol=1e-4)
+    assert np.max(np.abs(np.asarray(results[True]) - np.asarray(results[False]))) > 1e-3
+
+
 # ----------------------------------------------------------------------------- L_nn gradient
 
 def loss_and_grads(config, state, nets, batch):
