@@ -333,11 +333,8 @@ def test_reference_bank_update_pushes_each_candidate_once(model):
     np.testing.assert_allclose(bank.keys[2, 0], losses.l2_normalize(expected[1]), rtol=1e-5, atol=1e-6)
 
 
-def test_reference_negatives_degenerate_to_a_zero_vector_on_an_empty_bank(model):
-    """One reliable pixel per class: every anchor is that pixel, the positive is its teacher
-    representation, and with the reference's bank every negative logit is cos(a, 0) = 0, so
-    each class term is log(exp(s/tau) + m) - s/tau. The ReCo-style bank, empty, has no term."""
-    nets, _, state = model
+def one_reliable_pixel_per_class():
+    """(images, labels, low, pixels, probs): one reliable pixel of each class in a 2-image batch."""
     images = jnp.asarray(np.random.default_rng(3).random((2, SIZE, SIZE, 1)), jnp.float32)
     labels = np.zeros((2, SIZE, SIZE), np.int32)
     low = np.zeros((2, SIZE, SIZE), bool)
@@ -345,6 +342,15 @@ def test_reference_negatives_degenerate_to_a_zero_vector_on_an_empty_bank(model)
     for c, (b, y, x) in enumerate(pixels):
         labels[b, y, x], low[b, y, x] = c, True
     probs = jnp.asarray(np.eye(NUM_CLASSES, dtype=np.float32)[labels] * 0.6 + 0.1)
+    return images, labels, low, pixels, probs
+
+
+def test_reference_negatives_degenerate_to_a_zero_vector_on_an_empty_bank(model):
+    """One reliable pixel per class: every anchor is that pixel, the positive is its teacher
+    representation, and with the reference's bank every negative logit is cos(a, 0) = 0, so
+    each class term is log(exp(s/tau) + m) - s/tau. The ReCo-style bank, empty, has no term."""
+    nets, _, state = model
+    images, labels, low, pixels, probs = one_reliable_pixel_per_class()
     contrast_key = key(4)
     config = with_settings(arco__negatives="reference")
     fwd = Forward(config, nets, state.params, state.teacher, state.batch_stats)
@@ -372,13 +378,7 @@ def test_unprojected_anchors_are_the_heads_representations(model):
     student head's representation itself, in the teacher's space, and differs from the
     projected one."""
     nets, _, state = model
-    images = jnp.asarray(np.random.default_rng(3).random((2, SIZE, SIZE, 1)), jnp.float32)
-    labels = np.zeros((2, SIZE, SIZE), np.int32)
-    low = np.zeros((2, SIZE, SIZE), bool)
-    pixels = [(0, 2, 3), (0, 9, 9), (1, 4, 12), (1, 13, 1)]
-    for c, (b, y, x) in enumerate(pixels):
-        labels[b, y, x], low[b, y, x] = c, True
-    probs = jnp.asarray(np.eye(NUM_CLASSES, dtype=np.float32)[labels] * 0.6 + 0.1)
+    images, labels, low, pixels, probs = one_reliable_pixel_per_class()
     results = {}
     for project in (True, False):
         config = with_settings(arco__negatives="reference", arco__project_anchors=project)
