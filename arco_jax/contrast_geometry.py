@@ -40,9 +40,8 @@ from etils import epath
 
 from arco_jax import files, losses, train, variance
 from arco_jax.data import registry
+from arco_jax.objective import Forward, class_negatives, contrast_draws, head_inputs
 from arco_jax.state import build_networks
-from arco_jax.objective import (Forward, contrast_keys, anchor_masks, class_anchors, class_negatives, class_prototypes,
-                                head_inputs)
 
 QUANTITIES = ("trained", "at_prototype", "best", "cos_anchor_prototype", "cos_anchor_negative",
               "cos_prototype_negative")
@@ -50,8 +49,9 @@ QUANTITIES = ("trained", "at_prototype", "best", "cos_anchor_prototype", "cos_an
 
 def best_direction_loss(prototype: jax.Array, negatives: jax.Array, temperature: float, steps: int,
                         learning_rate: float = 0.05) -> jax.Array:
-    """The lowest InfoNCE value over one unit anchor direction shared by every anchor (each
-    with its own negatives (n, m, D)), by Adam from the prototype's direction."""
+    """(value at the prototype's direction, lowest value found): InfoNCE of one unit anchor
+    direction shared by every anchor (each with its own negatives (n, m, D)), by Adam from the
+    prototype's direction."""
     n = negatives.shape[0]
 
     def loss(u):
@@ -67,8 +67,9 @@ def best_direction_loss(prototype: jax.Array, negatives: jax.Array, temperature:
         u = losses.l2_normalize(optax.apply_updates(u, updates))  # Stay on the sphere: Adam's steps are absolute.
         return (u, opt_state, jnp.minimum(lowest, value)), None
 
-    (u, _, lowest), _ = jax.lax.scan(step, (u0, opt.init(u0), loss(u0)), None, length=steps)
-    return jnp.minimum(lowest, loss(u))
+    at_start = loss(u0)
+    (u, _, lowest), _ = jax.lax.scan(step, (u0, opt.init(u0), at_start), None, length=steps)
+    return at_start, jnp.minimum(lowest, loss(u))
 
 
 def make_geometry(config, nets, steps: int):
@@ -78,13 +79,8 @@ def make_geometry(config, nets, steps: int):
     @jax.jit
     def geometry(params, teacher, inputs: variance.ContrastInputs, key: jax.Array) -> dict:
         fwd = Forward(config, nets, params, teacher, {})
-        student = head_inputs(fwd, "student", inputs.features)
-        anchor_key, _, negative_key = contrast_keys(key)  # The train step's draws for this key.
-        num_classes = inputs.teacher_probs.shape[-1]
-        reliable, anchor_mask = anchor_masks(inputs.labels, inputs.low, inputs.teacher_probs, a.anchor_prob_threshold)
-        present = jnp.any(reliable.reshape(num_classes, -1), axis=1)
-        prototypes = class_prototypes(fwd, inputs.teacher, reliable)
-        anchors, has_anchors = class_anchors(anchor_key, fwd, student, anchor_mask, inputs.labels.shape)
+        draws = contrast_draws(key, fwd, head_inputs(fwd, "student", inputs.features), inputs.teacher,
+                               inputs.labels, inputs.teacher_probs, inputs.low)
 
         def one_class(args):
             k, c, class_anchors_, prototype = args
@@ -94,19 +90,19 @@ def make_geometry(config, nets, steps: int):
             neg_u = losses.l2_normalize(negatives)
             cos_an = jnp.einsum("nd,nmd->nm", anchor_u, neg_u, precision=jax.lax.Precision.HIGHEST)
             cos_pn = jnp.einsum("d,nmd->nm", proto_u, neg_u, precision=jax.lax.Precision.HIGHEST)
+            at_prototype, best = best_direction_loss(prototype, negatives, a.temperature, steps)
             return {
                 "trained": losses.info_nce(class_anchors_, prototype, negatives, a.temperature),
-                "at_prototype": losses.info_nce(jnp.broadcast_to(prototype, class_anchors_.shape), prototype,
-                                                negatives, a.temperature),
-                "best": best_direction_loss(prototype, negatives, a.temperature, steps),
+                "at_prototype": at_prototype,
+                "best": best,
                 "cos_anchor_prototype": jnp.mean(anchor_u @ proto_u),
                 "cos_anchor_negative": jnp.mean(cos_an),
                 "cos_prototype_negative": jnp.mean(cos_pn),
             }, ok
 
-        per_class, has_negatives = jax.lax.map(
-            one_class, (jax.random.split(negative_key, num_classes), jnp.arange(num_classes), anchors, prototypes))
-        return {**per_class, "counted": has_anchors & has_negatives & present}
+        per_class, has_negatives = jax.lax.map(one_class, (
+            draws.negative_keys, jnp.arange(draws.present.shape[0]), draws.anchors, draws.prototypes))
+        return {**per_class, "counted": draws.has_anchors & has_negatives & draws.present}
 
     return geometry
 
@@ -148,12 +144,7 @@ def run_probe(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
         raise ValueError(f"--batches must be an integer >= 1, got {batches!r}")
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
-    config, state, directory, step = variance.restore_run(workdir, checkpoint)
-    if "arco" not in state.methods:
-        raise ValueError(f"{workdir}: method {config.method!r} has no contrastive term (no memory banks)")
-    if not int(np.sum(state.methods["arco"].bank.count)):
-        raise ValueError(f"{workdir}: the memory banks of the '{directory}' state are empty, so the contrastive "
-                         f"term has no negatives (was the run trained with loss_weights.contrast > 0?)")
+    config, state, directory, step = variance.restore_contrastive_run(workdir, checkpoint)
     nets = build_networks(config)
     out = files.workdir_path(out) if out is not None else workdir / "contrast_geometry"
     class_names = ["background", *config.data.class_names]

@@ -288,6 +288,28 @@ def class_negatives(key: jax.Array, config: ml_collections.ConfigDict, bank: mem
     return bank.rows(index).reshape(a.num_anchors, a.num_negatives, -1), ok
 
 
+class ContrastDraws(NamedTuple):
+    """What one contrastive term draws before its negatives: per class (C, ...)."""
+
+    prototypes: jax.Array  # (C, D) teacher class means, the positives
+    anchors: jax.Array  # (C, n, D) student anchors
+    has_anchors: jax.Array  # (C,)
+    present: jax.Array  # (C,) the class has reliable pixels
+    negative_keys: jax.Array  # (C,) keys of `class_negatives`
+
+
+def contrast_draws(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs, labels: jax.Array,
+                   teacher_probs: jax.Array, low: jax.Array) -> ContrastDraws:
+    """Positives, anchors and the negatives' keys of the term for `key`, as the train step draws them."""
+    a = fwd.config.arco
+    num_classes = teacher_probs.shape[-1]
+    anchor_key, _, negative_key = contrast_keys(key)
+    reliable, anchor_mask = anchor_masks(labels, low, teacher_probs, a.anchor_prob_threshold)
+    anchors, has_anchors = class_anchors(anchor_key, fwd, student, anchor_mask, labels.shape)
+    return ContrastDraws(class_prototypes(fwd, teacher, reliable), anchors, has_anchors,
+                         jnp.any(reliable.reshape(num_classes, -1), axis=1), jax.random.split(negative_key, num_classes))
+
+
 def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,
                        labels: jax.Array, teacher_probs: jax.Array, low: jax.Array,
                        bank: memory.ClassBank | memory.PushedBank):
@@ -300,12 +322,7 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
     initial zero vector makes it).
     """
     a = fwd.config.arco
-    num_classes = teacher_probs.shape[-1]
-    anchor_key, _, negative_key = contrast_keys(key)
-    reliable, anchor_mask = anchor_masks(labels, low, teacher_probs, a.anchor_prob_threshold)
-    present = jnp.any(reliable.reshape(num_classes, -1), axis=1)
-    prototypes = class_prototypes(fwd, teacher, reliable)
-    anchors, has_anchors = class_anchors(anchor_key, fwd, student, anchor_mask, labels.shape)
+    draws = contrast_draws(key, fwd, student, teacher, labels, teacher_probs, low)
 
     # Rematerialised: a class's negatives (num_anchors x num_negatives x rep_dim, 260 MB at the
     # ACDC settings) are gathered again in the backward pass instead of being kept for every
@@ -316,9 +333,9 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
         negatives, ok = class_negatives(k, fwd.config, bank, c)
         return losses.info_nce(class_anchors_, prototype, negatives, a.temperature), ok
 
-    per_class_loss, has_negatives = jax.lax.map(
-        one_class, (jax.random.split(negative_key, num_classes), jnp.arange(num_classes), anchors, prototypes))
-    return per_class_loss, has_anchors & has_negatives & present, present
+    per_class_loss, has_negatives = jax.lax.map(one_class, (
+        draws.negative_keys, jnp.arange(draws.present.shape[0]), draws.anchors, draws.prototypes))
+    return per_class_loss, draws.has_anchors & has_negatives & draws.present, draws.present
 
 
 def contrastive_term(key: jax.Array, fwd: Forward, student: HeadInputs, teacher: HeadInputs,

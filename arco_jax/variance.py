@@ -88,6 +88,19 @@ def restore_run(workdir: epath.PathLike, checkpoint: str | int = "best"
     return config, state, directory, step
 
 
+def restore_contrastive_run(workdir: epath.PathLike, checkpoint: str | int = "best"
+                            ) -> tuple[ml_collections.ConfigDict, TrainState, str, int]:
+    """`restore_run` of a run whose saved state has a contrastive term to study: ARCO's banks,
+    holding negatives unless the reference's zero row stands in for them."""
+    config, state, directory, step = restore_run(workdir, checkpoint)
+    if "arco" not in state.methods:
+        raise ValueError(f"{workdir}: method {config.method!r} has no contrastive term to study (no memory banks)")
+    if config.arco.negatives == "other_classes" and not int(np.sum(state.methods["arco"].bank.count)):
+        raise ValueError(f"{workdir}: the memory banks of the '{directory}' state are empty, so the contrastive "
+                         f"term has no negatives (was the run trained with loss_weights.contrast > 0?)")
+    return config, state, directory, step
+
+
 # ----------------------------------------------------------------------------- fixed inputs
 
 class ContrastInputs(NamedTuple):
@@ -374,12 +387,7 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
     if not (isinstance(draws, int) and draws >= 2):
         raise ValueError(f"--draws must be an integer >= 2 (a variance needs two draws), got {draws!r}")
     estimators = estimators_for(samplers, strata)
-    config, state, directory, step = restore_run(workdir, checkpoint)
-    if "arco" not in state.methods:
-        raise ValueError(f"{workdir}: method {config.method!r} has no contrastive term to study (no memory banks)")
-    if config.arco.negatives == "other_classes" and not int(np.sum(state.methods["arco"].bank.count)):
-        raise ValueError(f"{workdir}: the memory banks of the '{directory}' state are empty, so the contrastive "
-                         f"term has no negatives (was the run trained with loss_weights.contrast > 0?)")
+    config, state, directory, step = restore_contrastive_run(workdir, checkpoint)
     nets = build_networks(config)
     out = files.workdir_path(out) if out is not None else workdir / "variance"
     class_names = ["background", *config.data.class_names]

@@ -245,9 +245,11 @@ def test_best_direction_finds_the_analytic_optimum():
     m, temperature = 8, 0.5
     prototype = jnp.array([2.0, 0.0, 0.0])  # not normalised: the term normalises it
     negatives = jnp.broadcast_to(jnp.array([0.0, 1.0, 0.0]), (3, m, 3))
-    best = float(contrast_geometry.best_direction_loss(prototype, negatives, temperature, steps=300))
+    at_prototype, best = (float(v) for v in contrast_geometry.best_direction_loss(prototype, negatives, temperature,
+                                                                                  steps=300))
     assert best == pytest.approx(np.log1p(m * np.exp(-np.sqrt(2) / temperature)), abs=1e-3)
     assert best < np.log1p(m * np.exp(-1 / temperature))
+    assert at_prototype == pytest.approx(np.log1p(m * np.exp(-1 / temperature)), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
