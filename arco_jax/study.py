@@ -5,7 +5,8 @@ seeds of the test Dice and HD95. By default the phantom study, on the built-in d
 
 runs configs/phantom_study.py for each method x labeled-patient budget x seed (5 x 3 x 3 by
 default), one workdir per run under <out>/runs/, and writes <out>/study.json (every run's
-numbers, wall time and command) and <out>/study.md (the table). A run whose results.json exists
+numbers, wall time and command) and <out>/study.md (the table), both rewritten after every run
+(a study still running, or stopped, says which runs it has not finished). A run whose results.json exists
 is not run again, and an interrupted run resumes from its checkpoint, so the same command
 continues a study that was stopped. Compiled programs are cached in <out>/jax_cache: a method
 compiles once for all its budgets and seeds.
@@ -27,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from arco_jax import methods
+from arco_jax import files, methods
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY_CONFIG = "configs/phantom_study.py"
@@ -148,6 +149,8 @@ def markdown(report: dict) -> str:
     header = "| Method | " + " | ".join(f"{b} patient{'s' if b > 1 else ''}: Dice % / HD95" for b in budgets) + " |"
     config_path = report.get("config", STUDY_CONFIG)
     title = "Phantom study" if config_path == STUDY_CONFIG else f"Study of {config_path}"
+    if not report.get("complete", True):
+        title += f" ({len(report['runs'])} of {len(report['runs']) + len(report['pending'])} runs finished)"
     lines = [
         f"# {title}: test mean Dice (%) and HD95 (voxels), mean ± std over seeds {report['seeds']}",
         "",
@@ -162,12 +165,17 @@ def markdown(report: dict) -> str:
         row = [method]
         for budget in budgets:
             cell = cells.get(f"{method}/{budget}")
-            row.append("–" if cell is None else
-                       f"{_pm(cell['dice'], cell['dice_std'], 1)} / {_pm(cell['hd95'], cell['hd95_std'], 2)}")
+            text = "–" if cell is None else \
+                f"{_pm(cell['dice'], cell['dice_std'], 1)} / {_pm(cell['hd95'], cell['hd95_std'], 2)}"
+            if cell is not None and len(cell["seeds"]) < len(report["seeds"]):
+                text += f" (seed{'s' if len(cell['seeds']) > 1 else ''} {', '.join(map(str, cell['seeds']))} so far)"
+            row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Labeled slices per budget: " + ", ".join(
         f"{b} patients -> {next(c['labeled_slices'] for c in cells.values() if c['labeled_patients'] == b)}"
         for b in budgets if any(c["labeled_patients"] == b for c in cells.values())) + ".", ""]
+    if report.get("pending"):
+        lines += [f"Not finished yet (the same command continues the study): {', '.join(report['pending'])}.", ""]
     return "\n".join(lines)
 
 
@@ -187,22 +195,34 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
     jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     started = time.perf_counter()
-    records = [run_one(out, m, b, s, overrides, config_path) for m in method_names for b in budgets for s in seeds]
-    report = {
-        "config": config_path, "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
-        "overrides": list(overrides), "steps": config.train.steps, "image_size": config.data.patch_size[0],
-        "empty_policy": config.eval.empty_policy,
-        "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
-        "machine": f"{benchmark.environment()['cpu_count']}-core {benchmark.environment()['processor']} "
-                   f"({benchmark.environment()['platform']}), JAX {jax.__version__}",
-        "command": "python -m arco_jax.study " + " ".join(
-            [*([f"--config={config_path}"] if config_path != STUDY_CONFIG else []), f"--out={out}", f"--methods={','.join(method_names)}", f"--budgets={','.join(map(str, budgets))}",
-             f"--seeds={','.join(map(str, seeds))}", *[f"--override={o}" for o in overrides]]),
-        "cells": summarize(records, method_names, budgets),
-        "runs": records,
-    }
-    (out / "study.json").write_text(json.dumps(report, indent=2))
-    (out / "study.md").write_text(markdown(report))
+    grid = [(m, b, s) for m in method_names for b in budgets for s in seeds]
+    records: list[dict] = []
+
+    def report_so_far() -> dict:
+        return {
+            "config": config_path, "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
+            "overrides": list(overrides), "steps": config.train.steps, "image_size": config.data.patch_size[0],
+            "empty_policy": config.eval.empty_policy,
+            "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
+            "machine": f"{benchmark.environment()['cpu_count']}-core {benchmark.environment()['processor']} "
+                       f"({benchmark.environment()['platform']}), JAX {jax.__version__}",
+            "command": "python -m arco_jax.study " + " ".join(
+                [*([f"--config={config_path}"] if config_path != STUDY_CONFIG else []), f"--out={out}",
+                 f"--methods={','.join(method_names)}", f"--budgets={','.join(map(str, budgets))}",
+                 f"--seeds={','.join(map(str, seeds))}", *[f"--override={o}" for o in overrides]]),
+            "complete": len(records) == len(grid),
+            "pending": [run_name(*cell) for cell in grid[len(records):]],
+            "cells": summarize(records, method_names, budgets),
+            "runs": list(records),
+        }
+
+    # The report is rewritten after every run (atomically), so a study that takes days shows its
+    # table as it grows, and a stopped one keeps what it finished.
+    for cell in grid:
+        records.append(run_one(out, *cell, overrides, config_path))
+        report = report_so_far()
+        files.write_text(out / "study.json", json.dumps(report, indent=2))
+        files.write_text(out / "study.md", markdown(report))
     return report
 
 

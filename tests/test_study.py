@@ -123,3 +123,30 @@ def test_a_missing_config_or_field_stops_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="the config has no field 'data.data_dri'"):
         study.run_study(tmp_path / "out", ("supervised",), overrides=("data.data_dri=x",))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_report_is_written_after_every_run_and_a_stopped_study_keeps_it(tmp_path, monkeypatch):
+    """A run that fails (here the fourth) leaves study.json / study.md with the finished runs,
+    marked incomplete, and the runs still to do."""
+    done = []
+
+    def fake_run(out, method, budget, seed, overrides, config_path):
+        if len(done) == 3:
+            raise RuntimeError("stopped")
+        done.append((method, seed))
+        return {"method": method, "labeled_patients": budget, "seed": seed, "labeled_slices": 3, "steps": 4,
+                "best_val": 0.5, "test_dice": 0.5 + 0.1 * len(done), "test_hd95": 2.0, "test_asd": 1.0,
+                "test_dice_per_class": {"RV": 0.5}, "wall_s": 1.0, "command": "python -m arco_jax.main"}
+
+    monkeypatch.setattr(study, "run_one", fake_run)
+    with pytest.raises(RuntimeError, match="stopped"):
+        study.run_study(tmp_path, METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
+    report = json.loads((tmp_path / "study.json").read_text())
+    assert not report["complete"] and len(report["runs"]) == 3
+    assert report["pending"] == [study.run_name("mean_teacher", 1, 1)]
+    assert report["cells"]["supervised/1"]["dice"] == pytest.approx(65.0)
+    assert report["cells"]["mean_teacher/1"]["seeds"] == [0]
+    table = (tmp_path / "study.md").read_text()
+    assert "(3 of 4 runs finished)" in table and study.run_name("mean_teacher", 1, 1) in table
+    assert "(seed 0 so far)" in table and "65.0 ± 7.1" in table
+    assert not list(tmp_path.glob("*.tmp"))
