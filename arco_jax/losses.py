@@ -63,6 +63,16 @@ def supervised_loss(logits: jax.Array, labels: jax.Array, ignore_label: int | No
     return ce + dice, {"sup_ce": ce, "sup_dice": dice}
 
 
+def confident_fraction(confidence: jax.Array, threshold: float, valid: jax.Array | None = None,
+                       axis: int | None = None) -> jax.Array:
+    """Fraction of the pixels whose confidence reaches `threshold`, over `axis`; with `valid`, of
+    the valid pixels only (a rescale's padding has confidence 0 but is no pixel of the image)."""
+    confident = confidence >= threshold
+    if valid is None:
+        return jnp.mean(confident.astype(jnp.float32), axis=axis)
+    return jnp.sum(confident & valid, axis=axis) / jnp.maximum(jnp.sum(valid, axis=axis), 1)
+
+
 def pseudo_label_loss(logits: jax.Array, pseudo_labels: jax.Array, confidence: jax.Array,
                       threshold: float, valid: jax.Array | None = None) -> jax.Array:
     """Confidence-weighted pseudo-label CE (reference `compute_unsupervised_loss`).
@@ -73,13 +83,11 @@ def pseudo_label_loss(logits: jax.Array, pseudo_labels: jax.Array, confidence: j
     fraction is of the valid pixels (their pseudo-labels may be any value).
     """
     batch = logits.shape[0]
-    confident = confidence.reshape(batch, -1) >= threshold
+    weight = confident_fraction(confidence.reshape(batch, -1), threshold,
+                                None if valid is None else valid.reshape(batch, -1), axis=1)
     if valid is None:
-        weight = jnp.mean(confident.astype(jnp.float32), axis=1)
         ce = cross_entropy(logits, pseudo_labels)
     else:
-        flat = valid.reshape(batch, -1)
-        weight = jnp.sum(confident & flat, axis=1) / jnp.maximum(jnp.sum(flat, axis=1), 1)
         ce = jnp.where(valid, cross_entropy(logits, jnp.where(valid, pseudo_labels, 0)), 0.0)
     counted = ~(ce <= 0)  # Also counts NaN, so a broken prediction cannot hide as a 0 loss.
     weighted = weight.reshape((batch,) + (1,) * (ce.ndim - 1)) * ce  # (B, 1, 1) or (B, 1, 1, 1)

@@ -497,11 +497,12 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
                                                          fwd.teacher_batch_stats)
 
     logits_u, features_u = out["strong"]
+    # Padding of the rescale (no class, confidence 0) is no pseudo-label: out of the CE, the
+    # weight and the logged fraction.
+    valid = ((pseudo >= 0) & (pseudo < config.data.num_classes)) if rescales_unlabeled(config) else None
     if w.unsup > 0:
-        # Padding of the rescale (no class, confidence 0) is no pseudo-label: out of the CE and the weight.
-        valid = ((pseudo >= 0) & (pseudo < config.data.num_classes)) if rescales_unlabeled(config) else None
         terms["unsup"] = losses.pseudo_label_loss(logits_u, pseudo, confidence, a.confidence_threshold, valid)
-    metrics["confident_fraction"] = jnp.mean(confidence >= a.confidence_threshold)
+    metrics["confident_fraction"] = losses.confident_fraction(confidence, a.confidence_threshold, valid)
 
     labels = jnp.concatenate([batch.label_l, pseudo])
     confidences = jnp.concatenate([jnp.ones_like(confidence[:num_labeled]), confidence])

@@ -299,3 +299,14 @@ def test_entropy_of_uniform_is_log_c_and_of_one_hot_is_zero():
 def test_l2_normalize_unit_rows_and_zero_stays_zero():
     x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
     np.testing.assert_allclose(losses.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_confident_fraction_counts_only_valid_pixels():
+    """The logged fraction, like the pseudo-label weight, leaves a rescale's padding (confidence
+    0, no pixel of the image) out of the denominator."""
+    confidence = jnp.array([[0.99, 0.5, 0.0, 0.0], [0.98, 0.99, 0.97, 0.1]])
+    valid = jnp.array([[True, True, False, False], [True, True, True, True]])
+    np.testing.assert_allclose(losses.confident_fraction(confidence, 0.97), 4 / 8)
+    np.testing.assert_allclose(losses.confident_fraction(confidence, 0.97, valid), 4 / 6)
+    np.testing.assert_allclose(losses.confident_fraction(confidence, 0.97, valid, axis=1), [0.5, 0.75])
+    np.testing.assert_allclose(losses.confident_fraction(confidence, 0.97, jnp.zeros_like(valid)), 0.0)
