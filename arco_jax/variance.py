@@ -27,7 +27,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -378,8 +379,10 @@ def next_batch(streams) -> Batch:
 
 def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batches: int = 4, draws: int = 64,
               samplers: Sequence[str] = sampling.SAMPLERS, strata: Sequence[str] = sampling.LAYOUTS,
-              out: epath.PathLike | None = None, seed: int = 0) -> dict:
-    """Measure the estimators on a trained run and write variance.json, .md and .png to `out`."""
+              out: epath.PathLike | None = None, seed: int = 0,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Measure the estimators on a trained run and write variance.json, .md and .png to `out`;
+    `progress` hears of every estimator's draws on every batch (a real run takes many minutes)."""
     named = str(workdir)  # as the user wrote it: reports are committed, machine paths are not
     workdir = files.workdir_path(workdir)
     if not (isinstance(batches, int) and batches >= 1):
@@ -407,11 +410,16 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
             inputs = prepare(state, next_batch(streams), inputs_key)
             keys = jax.random.split(draws_key, draws)
             candidates = np.asarray(count_anchors(inputs)).tolist()
-            per_batch.append({
-                "batch": b, "anchor_candidates": dict(zip(class_names, candidates)),
-                "estimators": {e.name: batch_record(jax.device_get(statistics[e.name](
-                    state.params, state.teacher, inputs, keys)), draws, class_names) for e in estimators},
-            })
+            records = {}
+            for e in estimators:
+                started = time.perf_counter()
+                records[e.name] = batch_record(jax.device_get(statistics[e.name](
+                    state.params, state.teacher, inputs, keys)), draws, class_names)
+                if progress is not None:
+                    progress(f"batch {b + 1}/{batches}, {e.name}: {draws} draws in "
+                             f"{time.perf_counter() - started:.1f} s")
+            per_batch.append({"batch": b, "anchor_candidates": dict(zip(class_names, candidates)),
+                              "estimators": records})
     finally:
         streams.close()
 
@@ -444,7 +452,8 @@ def main(argv) -> None:
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
     report = run_study(f.workdir, checkpoint=f.checkpoint, batches=f.batches, draws=f.draws,
-                       samplers=f.samplers, strata=f.strata, out=f.out, seed=f.seed)
+                       samplers=f.samplers, strata=f.strata, out=f.out, seed=f.seed,
+                       progress=lambda message: print(message, flush=True))
     print(markdown_report(report))
     out = f.out or str(files.workdir_path(f.workdir) / "variance")
     print(f"wrote {out}/variance.json, variance.md and variance.png")

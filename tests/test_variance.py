@@ -181,6 +181,12 @@ def test_summary_is_the_batch_average_and_ratios_are_against_uniform(study):
     assert summary["uniform"]["loss_var_ratio"] == 1.0 and summary["uniform"]["loss_mean_shift_z"] == 0.0
 
 
+def test_the_command_reports_progress_per_batch_and_estimator(study):
+    lines = [line for line in study.stdout.splitlines() if line.startswith("batch ")]
+    assert [line.split(" draws")[0] for line in lines] == [
+        f"batch {b}/{BATCHES}, {name}: {DRAWS}" for b in range(1, BATCHES + 1) for name in STUDIED]
+
+
 def test_markdown_tables_show_the_json_numbers(study):
     text = (study.out / "variance.md").read_text()
     assert text == variance.markdown_report(study.report)
