@@ -107,6 +107,12 @@ def info_nce(anchors: jax.Array, positive: jax.Array, negatives: jax.Array,
     anchors (n, D) carry the gradient; positive (D,) and negatives (n, m, D) are teacher
     representations and are treated as constants.
     """
+    return jnp.mean(info_nce_per_anchor(anchors, positive, negatives, temperature))
+
+
+def info_nce_per_anchor(anchors: jax.Array, positive: jax.Array, negatives: jax.Array,
+                        temperature: float) -> jax.Array:
+    """info_nce of each anchor, (n,): a term computed over chunks of anchors is their mean."""
     a = l2_normalize(anchors)
     p = jax.lax.stop_gradient(l2_normalize(positive))
     neg = jax.lax.stop_gradient(l2_normalize(negatives))
@@ -116,7 +122,7 @@ def info_nce(anchors: jax.Array, positive: jax.Array, negatives: jax.Array,
     pos_logit = jnp.dot(a, p, precision=HIGHEST)
     neg_logits = jnp.einsum("nd,nmd->nm", a, neg, precision=HIGHEST)
     logits = jnp.concatenate([pos_logit[:, None], neg_logits], axis=1) / temperature
-    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+    return jax.nn.logsumexp(logits, axis=1) - logits[:, 0]
 
 
 def class_average(per_class_loss: jax.Array, has_anchors: jax.Array, present: jax.Array) -> jax.Array:

@@ -269,11 +269,11 @@ def class_anchors(key: jax.Array, fwd: Forward, student: HeadInputs, anchor_mask
     return (fwd.project(anchors) if a.project_anchors else anchors), has_anchors
 
 
-def class_negatives(key: jax.Array, config: ml_collections.ConfigDict, bank: memory.ClassBank | memory.PushedBank,
-                    c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(negatives (n, m, D), any drawn) of class c, from a static-shape mask over the rows of
-    all banks: 'other_classes', filled rows of the other classes' banks; 'reference', the rows
-    of bank c plus its zero row while the bank is not full."""
+def class_negative_index(key: jax.Array, config: ml_collections.ConfigDict,
+                         bank: memory.ClassBank | memory.PushedBank, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(row index (n, m) into `bank.rows`, any drawn) of class c's negatives, from a static-shape
+    mask over the rows of all banks: 'other_classes', filled rows of the other classes' banks;
+    'reference', the rows of bank c plus its zero row while the bank is not full."""
     a = config.arco
     classes = jnp.arange(bank.count.shape[0])
     if a.negatives == "other_classes":
@@ -285,7 +285,41 @@ def class_negatives(key: jax.Array, config: ml_collections.ConfigDict, bank: mem
                                 num_strata=a.num_strata, layout="index")
     # Samplers return slots stratum by stratum: shuffle so each anchor sees all strata.
     index = jax.random.permutation(shuffle_key, index)
-    return bank.rows(index).reshape(a.num_anchors, a.num_negatives, -1), ok
+    return index.reshape(a.num_anchors, a.num_negatives), ok
+
+
+def class_negatives(key: jax.Array, config: ml_collections.ConfigDict, bank: memory.ClassBank | memory.PushedBank,
+                    c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(negatives (n, m, D), any drawn) of class c: the rows `class_negative_index` draws."""
+    index, ok = class_negative_index(key, config, bank, c)
+    return bank.rows(index.reshape(-1)).reshape(*index.shape, -1), ok
+
+
+# Anchors whose negatives are gathered at once: at the ACDC settings a class's 256 x 512 negatives
+# of 496 dims are 260 MB (and as much again normalised); 64 anchors at a time hold a quarter.
+ANCHORS_PER_CHUNK = 64
+
+
+def chunked_info_nce(anchors: jax.Array, prototype: jax.Array, index: jax.Array,
+                     bank: memory.ClassBank | memory.PushedBank, temperature: float,
+                     chunk: int | None = None) -> jax.Array:
+    """losses.info_nce of `anchors` (n, D) against the bank rows `index` (n, m), gathering the
+    negatives of `chunk` anchors at a time (default ANCHORS_PER_CHUNK; the largest divisor of n
+    not above it), rematerialised: the backward pass gathers them again rather than keeping
+    them. The same value as gathering all at once."""
+    n = anchors.shape[0]
+    chunk = ANCHORS_PER_CHUNK if chunk is None else chunk
+    chunk = max(d for d in range(1, min(chunk, n) + 1) if n % d == 0)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        chunk_index, chunk_anchors = args
+        negatives = bank.rows(chunk_index.reshape(-1)).reshape(*chunk_index.shape, -1)
+        return losses.info_nce_per_anchor(chunk_anchors, prototype, negatives, temperature)
+
+    per_anchor = jax.lax.map(one_chunk, (index.reshape(n // chunk, chunk, -1),
+                                         anchors.reshape(n // chunk, chunk, -1)))
+    return jnp.mean(per_anchor)
 
 
 class ContrastDraws(NamedTuple):
@@ -326,12 +360,13 @@ def per_class_contrast(key: jax.Array, fwd: Forward, student: HeadInputs, teache
 
     # Rematerialised: a class's negatives (num_anchors x num_negatives x rep_dim, 260 MB at the
     # ACDC settings) are gathered again in the backward pass instead of being kept for every
-    # class, which would hold about 2 GB of residuals through the step.
+    # class, which would hold about 2 GB of residuals through the step; within a class they are
+    # gathered a chunk of anchors at a time (chunked_info_nce).
     @jax.checkpoint
     def one_class(args):
         k, c, class_anchors_, prototype = args
-        negatives, ok = class_negatives(k, fwd.config, bank, c)
-        return losses.info_nce(class_anchors_, prototype, negatives, a.temperature), ok
+        index, ok = class_negative_index(k, fwd.config, bank, c)
+        return chunked_info_nce(class_anchors_, prototype, index, bank, a.temperature), ok
 
     per_class_loss, has_negatives = jax.lax.map(one_class, (
         draws.negative_keys, jnp.arange(draws.present.shape[0]), draws.anchors, draws.prototypes))

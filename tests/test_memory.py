@@ -163,3 +163,46 @@ def test_bank_push_normalises_valid_to_row_counts():
     keys = jnp.ones((3, 4, 2))
     np.testing.assert_array_equal(memory.bank_push(keys, jnp.array([True, False, True])).written, [4, 0, 4])
     np.testing.assert_array_equal(memory.bank_push(keys, jnp.array([-1, 2, 9])).written, [0, 2, 4])
+
+
+def test_chunked_info_nce_equals_gathering_every_negative_at_once():
+    """The contrastive term gathers a chunk of anchors' negatives at a time (memory): value and
+    anchor gradient equal those of one gather, from a bank and from a bank with a pending push,
+    for chunk sizes that divide the anchors and one that does not."""
+    from arco_jax import losses, objective  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(1)
+    n, m, dim = 12, 5, 6
+    bank = memory.push_class_bank(memory.init_class_bank((9, 7), dim),
+                                  jnp.asarray(rng.normal(size=(2, 9, dim)), jnp.float32), jnp.asarray([9, 4]))
+    push = memory.bank_push(jnp.asarray(rng.normal(size=(2, 3, dim)), jnp.float32), jnp.asarray([3, 2]))
+    anchors = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+    prototype = jnp.asarray(rng.normal(size=(dim,)), jnp.float32)
+    index = jnp.asarray(rng.integers(0, 2 * 9, size=(n, m)), jnp.int32)
+    for source in (bank, memory.PushedBank(bank, push)):
+        def whole(a, source=source):
+            return losses.info_nce(a, prototype, source.rows(index.reshape(-1)).reshape(n, m, dim), 0.5)
+        for chunk in (1, 4, 5, 12, 64):
+            chunked = jax.jit(lambda a, source=source, chunk=chunk: objective.chunked_info_nce(
+                a, prototype, index, source, 0.5, chunk))
+            np.testing.assert_allclose(chunked(anchors), whole(anchors), rtol=1e-6)
+            np.testing.assert_allclose(jax.grad(chunked)(anchors), jax.grad(whole)(anchors), rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_info_nce_holds_a_chunk_of_negatives_not_all():
+    """XLA's buffer assignment for the anchors' gradient: the temporaries of 8-anchor chunks
+    are a fraction of those of gathering the 64 anchors' negatives at once."""
+    from arco_jax import objective  # pylint: disable=import-outside-toplevel
+
+    n, m, dim = 64, 128, 64  # one gather of every negative: 2 MB
+    bank = memory.init_class_bank((4096, 4096), dim)
+    index = jnp.zeros((n, m), jnp.int32)
+    anchors, prototype = jnp.ones((n, dim)), jnp.ones((dim,))
+
+    def temp_bytes(chunk):
+        grad = jax.jit(jax.grad(lambda a: objective.chunked_info_nce(a, prototype, index, bank, 0.5, chunk)))
+        return grad.lower(anchors).compile().memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temp_bytes(n), temp_bytes(8)
+    assert whole > n * m * dim * 4  # at least the gathered negatives
+    assert chunked < whole / 3, (chunked, whole)
