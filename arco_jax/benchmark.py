@@ -256,7 +256,7 @@ def run_step_case(config_file: str, spatial, terms: str, repeats: int, options: 
     (times, FLOP rate and the peak after running are then left out)."""
     import jax
 
-    from arco_jax import parallel
+    from arco_jax import host_memory, parallel
     from arco_jax.state import build_networks, build_optimizer, create_train_state
     from arco_jax.step import make_train_step
 
@@ -284,6 +284,7 @@ def run_step_case(config_file: str, spatial, terms: str, repeats: int, options: 
     state_shapes = jax.eval_shape(lambda s: s, state)
     compile_s = time.perf_counter() - start
     peak_before_running = _peak_memory_bytes()  # includes XLA's own memory while compiling
+    host_memory.release_freed_memory()  # as the trainer does before a step's first call
     _progress(f"step compiled in {compile_s:.1f} s")
     timing = {"compile_s": compile_s}
     if run == "on":

@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from arco_jax import evaluators, files, methods, monitoring, parallel
+from arco_jax import evaluators, files, host_memory, methods, monitoring, parallel
 from arco_jax.checkpointing import Checkpoints, committed_steps
 from arco_jax.config import ConfigError, fill_unrecorded, from_record, validate
 from arco_jax.data import pipeline, registry
@@ -420,6 +420,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
         state = parallel.replicate(mesh, state)
         log.info("init_from %s: %d segmenter arrays loaded", config.model.init_from, loaded)
     start = int(parallel.fetch(state.step))
+    host_memory.release_freed_memory()  # what initialising (and restoring) freed
     if restored is not None:
         log.info("resumed from step %d", start)
     best = checkpoints.best_record()
@@ -499,7 +500,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 labeled, unlabeled = next(streams)
                 arrays = parallel.global_batch(mesh, {"image_l": labeled["image"], "label_l": labeled["label"],
                                                       "image_u": unlabeled["image"]})
-                state, metrics = steppers[stage](state, Batch(**arrays))
+                batch = Batch(**arrays)
+                if first_of_stage:
+                    # Compiled before its first call, so that what the compiler freed is handed
+                    # back before the step's buffers are allocated on top of it.
+                    steppers[stage] = steppers[stage].lower(state, batch).compile()
+                    host_memory.release_freed_memory()
+                state, metrics = steppers[stage](state, batch)
             interval.add(metrics)
             step += 1
             if step == (boundary if stage == 1 else total_steps) and stage in finish:
@@ -537,6 +544,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 events.scalars(step, {**monitoring.eval_scalars("val", measured, result.record),
                                       f"val/best_{metric}": best[key]})
                 events.images(step, overlays(predict, "val"))
+                host_memory.release_freed_memory()  # the cases read, the predictors compiled
                 metric_log.evaluated(time.perf_counter() - started_eval)
                 if stage == 1:
                     log.info("val step %d (stage 1: not a candidate for best) | %s %.4f", step, metric, value)
