@@ -204,7 +204,7 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
             "overrides": list(overrides), "steps": config.train.steps, "image_size": config.data.patch_size[0],
             "empty_policy": config.eval.empty_policy,
             "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
-            "machine": f"{benchmark.environment()['cpu_count']}-core {benchmark.environment()['processor']} "
+            "machine": f"{benchmark.environment()['cpu_count']}-core {benchmark.environment()['cpu_model']} "
                        f"({benchmark.environment()['platform']}), JAX {jax.__version__}",
             "command": "python -m arco_jax.study " + " ".join(
                 [*([f"--config={config_path}"] if config_path != STUDY_CONFIG else []), f"--out={out}",

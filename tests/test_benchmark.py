@@ -129,3 +129,13 @@ def test_deeplab_step_case_reports_compiled_memory():
     assert result["resnet_depth"] == 18 and result["rep_dim"] == 256 and result["batch"] == "2+2"
     _check_memory(result["compiled_memory"])
     assert "not run" in benchmark.summary_line(result)
+
+
+def test_the_environment_names_the_cpu_model(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: fpu\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                          *a, **k))
+    assert benchmark.cpu_model() == "AMD EPYC 9B14"
+    assert benchmark.environment()["cpu_model"] == "AMD EPYC 9B14"
