@@ -149,7 +149,7 @@ def markdown(report: dict) -> str:
     header = "| Method | " + " | ".join(f"{b} patient{'s' if b > 1 else ''}: Dice % / HD95" for b in budgets) + " |"
     config_path = report.get("config", STUDY_CONFIG)
     title = "Phantom study" if config_path == STUDY_CONFIG else f"Study of {config_path}"
-    if not report.get("complete", True):
+    if report.get("pending"):
         title += f" ({len(report['runs'])} of {len(report['runs']) + len(report['pending'])} runs finished)"
     lines = [
         f"# {title}: test mean Dice (%) and HD95 (voxels), mean ± std over seeds {report['seeds']}",
@@ -197,24 +197,22 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
     started = time.perf_counter()
     grid = [(m, b, s) for m in method_names for b in budgets for s in seeds]
     records: list[dict] = []
+    env = benchmark.environment()  # once: it asks git and the devices
+    fixed = {
+        "config": config_path, "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
+        "overrides": list(overrides), "steps": config.train.steps, "image_size": config.data.patch_size[0],
+        "empty_policy": config.eval.empty_policy,
+        "machine": f"{env['cpu_count']}-core {env['cpu_model']} ({env['platform']}), JAX {jax.__version__}",
+        "command": "python -m arco_jax.study " + " ".join(
+            [*([f"--config={config_path}"] if config_path != STUDY_CONFIG else []), f"--out={out}",
+             f"--methods={','.join(method_names)}", f"--budgets={','.join(map(str, budgets))}",
+             f"--seeds={','.join(map(str, seeds))}", *[f"--override={o}" for o in overrides]]),
+    }
 
     def report_so_far() -> dict:
-        return {
-            "config": config_path, "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
-            "overrides": list(overrides), "steps": config.train.steps, "image_size": config.data.patch_size[0],
-            "empty_policy": config.eval.empty_policy,
-            "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
-            "machine": f"{benchmark.environment()['cpu_count']}-core {benchmark.environment()['cpu_model']} "
-                       f"({benchmark.environment()['platform']}), JAX {jax.__version__}",
-            "command": "python -m arco_jax.study " + " ".join(
-                [*([f"--config={config_path}"] if config_path != STUDY_CONFIG else []), f"--out={out}",
-                 f"--methods={','.join(method_names)}", f"--budgets={','.join(map(str, budgets))}",
-                 f"--seeds={','.join(map(str, seeds))}", *[f"--override={o}" for o in overrides]]),
-            "complete": len(records) == len(grid),
-            "pending": [run_name(*cell) for cell in grid[len(records):]],
-            "cells": summarize(records, method_names, budgets),
-            "runs": list(records),
-        }
+        return {**fixed, "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
+                "pending": [run_name(*cell) for cell in grid[len(records):]],
+                "cells": summarize(records, method_names, budgets), "runs": list(records)}
 
     # The report is rewritten after every run (atomically), so a study that takes days shows its
     # table as it grows, and a stopped one keeps what it finished.

@@ -71,7 +71,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             import torch  # pylint: disable=import-outside-toplevel  (optional: only this format needs it)
         except ImportError:
             raise ConversionError(f"{path}: reading a .pth checkpoint needs PyTorch, which is not installed "
-                                  f"(pip install torch, or save the state dict as .npz)") from None
+                                  f"(pip install -r requirements-torch.txt, or save the state dict as .npz)") from None
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         for wrapper in ("state_dict", "model"):
             if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
