@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.arco.nn_grid = 4  # L_nn compares representations average-pooled to a grid x grid map.
     c.arco.nn_gradient = "active"  # (variant) 'active': L_nn trains the student; 'reference': value only.
     c.arco.ema_decay = 0.99
+    # SSL4MIS's Mean Teacher warm-up: at stage-2 step t the teacher's decay is
+    # min(1 - 1/(t + 1), ema_decay), so it starts as the mean of the students so far instead of
+    # holding on to the initial student (weight 0.99^t). On in the mean_teacher preset.
+    c.arco.ema_warmup = False
     # Memory for time: run the student's passes (labeled, strong, equivariance) as one loop that
     # recomputes activations in the backward pass (Forward.student_passes). The equivariance
     # pass then normalises its labeled and unlabeled halves as separate batch-norm batches.

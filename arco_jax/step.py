@@ -20,9 +20,22 @@ from arco_jax.core import Batch, LossOutput, Networks, TrainState
 from arco_jax.state import learning_rate, stage2_progress, term_names
 
 
-def ema(new, old, decay: float):
+def ema(new, old, decay: float | jax.Array):
     """old + (1 - decay) (new - old), leaf by leaf: the teacher's update."""
     return optax.incremental_update(new, old, 1.0 - decay)
+
+
+def teacher_decay(config: ml_collections.ConfigDict, stage_step: jax.Array) -> float | jax.Array:
+    """The teacher's EMA decay at stage-2 step `stage_step` (0 at the stage's first step):
+    arco.ema_decay, or with arco.ema_warmup SSL4MIS's min(1 - 1/(t + 1), ema_decay), which
+    makes the first update a copy of the student and the teacher the students' running mean
+    until the decay is reached. Without the warm-up, the Python float (the update's arithmetic
+    as before the option existed, bit for bit)."""
+    decay = config.arco.ema_decay
+    if not config.arco.ema_warmup:
+        return decay
+    t = stage_step.astype(jnp.float32)
+    return jnp.minimum(1.0 - 1.0 / (t + 1.0), jnp.float32(decay))
 
 
 def teacher_running_stats(config: ml_collections.ConfigDict, passes_stats: dict | None, student_stats: dict,
@@ -78,7 +91,6 @@ def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: opta
     student parameter, `tx`, the EMA teacher (segmenter and head), the guard; then
     `write(own_state, update, good)` replaces state.methods[name] (the method's own part: it is
     written after the guard, so a bad step must leave it as it was when `good` is false)."""
-    decay = config.arco.ema_decay
     start = config.pretrain.steps
 
     def train_step(state: TrainState, batch: Batch):
@@ -86,6 +98,7 @@ def make_stage2_step(config: ml_collections.ConfigDict, nets: Networks, tx: opta
         if labeled_view is not None:
             batch = labeled_view(config, nets, batch, key)
         progress = stage2_progress(config, state.step)
+        decay = teacher_decay(config, state.step - start)
         (total, out), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state, batch, key, progress,
                                                                        config, nets)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -504,7 +504,8 @@ def test_each_method_preset_runs_a_jitted_train_step(model, method, variant):
     # method's own part (none for the baselines) and its own failure flags.
     own = {k: v for k, v in arco_state.methods.items() if k == methods.stage_methods(config)[2].name}
     state = arco_state.replace(methods=own, bad_terms=jnp.zeros((len(state_lib.term_names(config)),), bool))
-    new, metrics = jax.jit(make_train_step(config, nets, tx))(state, make_batch(5))
+    step = jax.jit(make_train_step(config, nets, tx))
+    new, metrics = step(state, make_batch(5))
     metrics = {k: float(v) for k, v in metrics.items()}
     assert int(new.step) == 1 and int(new.bad_step) == -1, metrics
     assert all(np.isfinite(v) for v in metrics.values()), metrics
@@ -522,6 +523,22 @@ def test_each_method_preset_runs_a_jitted_train_step(model, method, variant):
     if method == "mean_teacher":  # step 0 lies in the ramp's delay: the total is the supervised term
         assert metrics["consistency_weight"] == 0.0
         assert metrics["loss"] == pytest.approx(0.5 * metrics["loss_sup"], rel=1e-6)
+    # SSL4MIS's EMA warm-up (Mean Teacher only): decay min(1 - 1/(t + 1), 0.99) makes step 0's
+    # teacher the student and step 1's the mean of the old teacher and the new student; ARCO's
+    # teacher keeps 0.99 of the old one from the first step.
+    leaves_t = [np.asarray(x) for x in jax.tree.leaves(new.teacher["params"]["segmenter"])]
+    leaves_s = [np.asarray(x) for x in jax.tree.leaves(new.params["segmenter"])]
+    if method == "mean_teacher":
+        assert config.arco.ema_warmup
+        for t, s in zip(leaves_t, leaves_s):
+            np.testing.assert_array_equal(t, s)
+        newer, _ = step(new, make_batch(6))
+        halfway = [0.5 * t + 0.5 * np.asarray(s) for t, s in zip(leaves_t, jax.tree.leaves(newer.params["segmenter"]))]
+        for got, want in zip(jax.tree.leaves(newer.teacher["params"]["segmenter"]), halfway):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    else:
+        assert not config.arco.ema_warmup
+        assert any(not np.allclose(t, s) for t, s in zip(leaves_t, leaves_s))
 
 
 def test_a_variant_leaves_data_switches_to_datasets_that_have_them():

@@ -59,7 +59,7 @@ METHODS: dict[str, dict[str, object]] = {
     "mean_teacher": {**{f"loss_weights.{t}": v for t, v in _OFF.items()},
                      "loss_weights.sup": BASELINE_SUP_WEIGHT, "loss_weights.consistency": 0.1,
                      "arco.consistency_rampup": 1.0, "arco.consistency_delay": 1000 / 30000,
-                     "arco.consistency_noise": 0.1, "pretrain.steps": 0},
+                     "arco.consistency_noise": 0.1, "arco.ema_warmup": True, "pretrain.steps": 0},
     **{name: {**{f"loss_weights.{t}": v for t, v in ARCO_WEIGHTS.items()}, "arco.sampler": sampler}
        for name, sampler in (("arco_ns", "uniform"), ("arco_sg", "sg"), ("arco_sag", "sag"))},
 }
