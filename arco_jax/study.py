@@ -7,7 +7,8 @@ runs configs/phantom_study.py for each method x labeled-patient budget x seed (5
 default), one workdir per run under <out>/runs/, and writes <out>/study.json (every run's
 numbers, wall time and command) and <out>/study.md (the table), both rewritten after every run
 (a study still running, or stopped, says which runs it has not finished). A run whose results.json exists
-is not run again, and an interrupted run resumes from its checkpoint, so the same command
+is not run again (if its config.json is the config this call would run; else the study stops
+with the differing fields), and an interrupted run resumes from its checkpoint, so the same command
 continues a study that was stopped. Compiled programs are cached in <out>/jax_cache: a method
 compiles once for all its budgets and seeds.
 
@@ -89,6 +90,23 @@ def command_line(method: str, labeled_patients: int, seed: int, workdir: Path, o
             f"--config.data.labeled_patients={labeled_patients} --config.seed={seed}{extra} --workdir={workdir}")
 
 
+def check_finished_run(workdir: Path, config) -> None:
+    """A finished run is reused only if it ran the config this call would run: a preset or a
+    default changed since (or another --override) stops the study with the differing fields,
+    instead of a table that mixes two experiments."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from arco_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    from arco_jax import train  # pylint: disable=import-outside-toplevel
+
+    config_lib.validate(config, device_count=jax.device_count(), process_count=jax.process_count(),
+                        platform=jax.default_backend(), check_data=False)
+    differences = train.stored_config_differences(workdir, config)
+    if differences:
+        raise ValueError(f"{workdir} holds a finished run of another config ({'; '.join(differences)}; "
+                         "stored -> this call): delete that folder to run it again, or use another --out")
+
+
 def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides: Sequence[str],
             config_path: str = STUDY_CONFIG) -> dict:
     from arco_jax import train  # pylint: disable=import-outside-toplevel
@@ -96,6 +114,7 @@ def run_one(out: Path, method: str, labeled_patients: int, seed: int, overrides:
     workdir = out / "runs" / run_name(method, labeled_patients, seed)
     record_path = workdir / "study_record.json"
     if record_path.exists():
+        check_finished_run(workdir, load_config(method, labeled_patients, seed, overrides, config_path))
         record = json.loads(record_path.read_text())
         # The command names the workdir as this call's --out does (the run may have been made
         # with another spelling of the same folder).

@@ -111,6 +111,20 @@ def check_same_config_on_all_processes(config: ml_collections.ConfigDict) -> Non
                           "process 0's): " + " | ".join(problems))
 
 
+def stored_config_differences(workdir: epath.Path, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: stored -> given' for each field that decides what training computes and differs
+    between the workdir's config.json and `config` (resolved, as validate leaves it). A field
+    added since the run was made counts as its default."""
+    stored_path = workdir / "config.json"
+    try:
+        stored = fill_unrecorded(config_record(from_record(json.loads(stored_path.read_text()))),
+                                 config_record(config))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{stored_path} is not valid JSON ({error}); it records the config of the run "
+                          "in this workdir: restore it, or use another --workdir") from error
+    return config_differences(stored, config_record(config), ignore=RESUME_SAFE_FIELDS)
+
+
 def check_workdir_config(workdir: epath.Path, config: ml_collections.ConfigDict, allow_change: bool) -> bool:
     """Refuse to resume a run that was started with another config, unless allowed.
 
@@ -122,13 +136,7 @@ def check_workdir_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     has_run = bool(committed_steps(workdir / "checkpoints" / "last"))
     if not (has_run and stored_path.exists()):
         return False
-    try:
-        stored = fill_unrecorded(config_record(from_record(json.loads(stored_path.read_text()))),
-                                 config_record(config))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{stored_path} is not valid JSON ({error}); it records the config of the run "
-                          "in this workdir: restore it, or use another --workdir") from error
-    differences = config_differences(stored, config_record(config), ignore=RESUME_SAFE_FIELDS)
+    differences = stored_config_differences(workdir, config)
     if not differences:
         return False
     listed = "\n  ".join(differences)

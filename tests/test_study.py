@@ -150,3 +150,47 @@ def test_the_report_is_written_after_every_run_and_a_stopped_study_keeps_it(tmp_
     assert "(3 of 4 runs finished)" in table and study.run_name("mean_teacher", 1, 1) in table
     assert "(seed 0 so far)" in table and "65.0 ± 7.1" in table
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _finished_run(out: Path, method: str, overrides, drop_field: str | None = None) -> Path:
+    """A run folder as a finished run leaves it (config.json, study_record.json), made without
+    training; `drop_field` ('section.field') is left out of config.json, as a run from before
+    that field existed."""
+    import jax
+
+    from arco_jax import config as config_lib
+
+    config = study.load_config(method, 1, 0, overrides)
+    config_lib.validate(config, device_count=jax.device_count(), platform=jax.default_backend(), check_data=False)
+    record = config.to_dict()
+    if drop_field:
+        section, field = drop_field.split(".")
+        del record[section][field]
+    workdir = out / "runs" / study.run_name(method, 1, 0)
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(record, default=list))
+    (workdir / "study_record.json").write_text(json.dumps({"method": method, "labeled_patients": 1, "seed": 0,
+                                                           "test_dice": 0.5}))
+    return workdir
+
+
+def test_a_finished_run_of_another_config_is_refused_with_the_fields(tmp_path):
+    workdir = _finished_run(tmp_path, "supervised", TINY)
+    assert study.run_one(tmp_path, "supervised", 1, 0, TINY)["test_dice"] == 0.5  # same config: reused
+    before = {p.name: p.read_text() for p in workdir.iterdir()}
+    changed = (*TINY[:-1], "model.rep_dim=32")
+    with pytest.raises(ValueError, match=r"supervised_p1_s0 holds a finished run of another config "
+                                         r"\(model.rep_dim: 16 -> 32; stored -> this call\)"):
+        study.run_one(tmp_path, "supervised", 1, 0, changed)
+    assert {p.name: p.read_text() for p in workdir.iterdir()} == before
+
+
+def test_a_run_from_before_a_preset_changed_is_refused_and_one_from_before_a_default_is_not(tmp_path):
+    """Mean Teacher gained SSL4MIS's EMA warm-up (arco.ema_warmup, default off): its run made
+    before the field existed recorded the default, which the preset now overrides; the labeled-only
+    run keeps the default and is reused."""
+    _finished_run(tmp_path, "mean_teacher", TINY, drop_field="arco.ema_warmup")
+    _finished_run(tmp_path, "supervised", TINY, drop_field="arco.ema_warmup")
+    assert study.run_one(tmp_path, "supervised", 1, 0, TINY)["test_dice"] == 0.5
+    with pytest.raises(ValueError, match=r"arco.ema_warmup: False -> True"):
+        study.run_one(tmp_path, "mean_teacher", 1, 0, TINY)
