@@ -27,7 +27,7 @@ import pytest
 from arco_jax import evaluators, inference, methods, predict, train
 from arco_jax.checkpointing import Checkpoints
 from arco_jax.config import base_config, validate
-from arco_jax.data import la, la_phantom, registry
+from arco_jax.data import la, la_phantom, pipeline, registry
 from arco_jax.evaluators import sliding_window
 
 WINDOW, STRIDE = (16, 32, 32), (8, 16, 16)
@@ -204,10 +204,17 @@ def test_normalize_and_axis_helpers(tmp_path):
     (dict(intensity="percentile"), f"intensity must be one of {registry.INTENSITIES}, got 'percentile'"),
     (dict(h5_axes="hwz"), "h5_axes must order the letters of 'dhw' (e.g. 'dhw', 'hwd'), got 'hwz'"),
     (dict(h5_axes="dh"), "got 'dh'"),
+    (dict(weak_augment="flip"), "weak_augment must be one of ('resize_rotate', 'rot_flip_crop', 'scale_crop_flip', "
+                                "'crop_flip', 'crop'), got 'flip'"),
 ])
 def test_dataset_info_checks_the_predict_fields(fields, problem):
     with pytest.raises(ValueError, match=re.escape(problem)):
         registry.DatasetInfo(num_classes=2, class_names=("a",), **fields)
+
+
+def test_dataset_info_takes_every_view_the_pipeline_has():
+    for view in pipeline.WEAK_AUGMENTATIONS:  # 'crop' included (ReCo's unlabeled natural view)
+        assert registry.DatasetInfo(num_classes=2, class_names=("a",), weak_augment=view).weak_augment == view
 
 
 def test_a_run_evaluated_on_whole_images_predicts_no_volumes(model):

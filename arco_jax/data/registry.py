@@ -36,7 +36,6 @@ from arco_jax.errors import ConfigError
 # Metadata fields a resolved config carries under config.data (declared by the dataset).
 METADATA_FIELDS = ("num_classes", "class_names", "ignore_label", "spatial_rank", "in_channels")
 EVAL_UNITS = ("volume", "image")
-WEAK_AUGMENTATIONS = ("resize_rotate", "rot_flip_crop", "scale_crop_flip", "crop_flip")  # data/pipeline.py
 # How a new scan is normalised before it is predicted (predict.normalize): per volume, or
 # 'dataset': by the dataset's own preprocessing (the NIfTI folder's plan); 'imagenet': RGB / 255,
 # then ImageNet's mean and std per channel (the natural-image datasets, data/natural.py).
@@ -60,7 +59,8 @@ class DatasetInfo:
       'resize_rotate' (SSL4MIS 2-D: resize to the patch, rot90/flip or a small rotation) or
       'rot_flip_crop' (UA-MT's LA volumes: in-plane rot90 and flip, then a random crop),
       'scale_crop_flip' (ReCo's natural images: random scale 0.5-1.5, crop with ignore-label
-      padding, horizontal flip, ImageNet normalisation) or 'crop_flip' (the same at scale 1).
+      padding, horizontal flip, ImageNet normalisation), 'crop_flip' (the same at scale 1) or
+      'crop' (scale 1, no flip).
     intensity: how the dataset's volumes were normalised, so how a new scan is before it is
       predicted: 'minmax' (per volume to [0, 1], as the SSL4MIS conversions stored them) or
       'zscore' (per volume (x - mean) / std, as UA-MT's mri_norm2.h5).
@@ -95,8 +95,11 @@ class DatasetInfo:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if self.eval_unit not in EVAL_UNITS:
             raise ValueError(f"eval_unit must be one of {EVAL_UNITS}, got {self.eval_unit!r}")
-        if self.weak_augment not in WEAK_AUGMENTATIONS:
-            raise ValueError(f"weak_augment must be one of {WEAK_AUGMENTATIONS}, got {self.weak_augment!r}")
+        from arco_jax.data import pipeline  # pylint: disable=import-outside-toplevel  (pipeline imports grain)
+
+        if self.weak_augment not in pipeline.WEAK_AUGMENTATIONS:
+            raise ValueError(f"weak_augment must be one of {tuple(pipeline.WEAK_AUGMENTATIONS)}, "
+                             f"got {self.weak_augment!r}")
         if self.intensity not in INTENSITIES:
             raise ValueError(f"intensity must be one of {INTENSITIES}, got {self.intensity!r}")
         if not (isinstance(self.h5_axes, str) and sorted(self.h5_axes) == sorted(DEPTH_FIRST)):
