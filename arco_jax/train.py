@@ -303,8 +303,9 @@ class MetricLog:
         mean_of = f"mean of {averaged_over} steps: " if averaged_over else ""
         grad = f" grad {metrics['grad_norm']:.3g}" if "grad_norm" in metrics else ""
         images = f", {rate * self.images_per_step:.1f} images/s" if self.images_per_step else ""
-        log.info("stage %d | step %d/%d | %sloss %.4f (%s)%s | lr %.5f | %.2f steps/s%s | ETA %s", stage,
-                 step, self.total_steps, mean_of, metrics["loss"], terms, grad, metrics["lr"], rate, images,
+        speed = f"{rate:.2f} steps/s{images}" if timed else "speed from the next interval (this one compiled)"
+        log.info("stage %d | step %d/%d | %sloss %.4f (%s)%s | lr %.5f | %s | ETA %s", stage,
+                 step, self.total_steps, mean_of, metrics["loss"], terms, grad, metrics["lr"], speed,
                  f"{eta} to stage 2" if stage == 1 else eta)
         return record
 
@@ -411,18 +412,48 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                  mesh.size, jax.device_count(), config.data.batch_labeled, config.data.batch_unlabeled,
                  jax.device_count() - mesh.size)
 
-    # Model, optimizer, state (replicated over the mesh), then the newest intact checkpoint.
+    # Model, optimizer, the steps of each stage (global steps [0, boundary) are stage 1,
+    # relational pretraining; the rest stage 2, the method).
     nets = build_networks(config)
     tx = build_optimizer(config)
     replicated = parallel.replicated(mesh)
     init = jax.jit(functools.partial(create_train_state, config, nets, tx), out_shardings=replicated)
-    state = init(jax.random.PRNGKey(config.seed))
     this_config = config_hash(config)
     checkpoints = Checkpoints(workdir / "checkpoints", config.train.keep_checkpoints, this_config,
                               legacy=functools.partial(legacy_layout, config))
+    boundary = config.pretrain.steps
+    total_steps = boundary + config.train.steps
+    shardings = dict(in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+    stages = methods.stage_methods(config)
+    makers = {1: make_pretrain_step, 2: make_train_step}  # each runs the method of its stage
+    steppers = {stage: jax.jit(makers[stage](config, nets, tx), **shardings) for stage in stages}
+
+    def next_batch() -> Batch:
+        labeled, unlabeled = next(streams)
+        return Batch(**parallel.global_batch(mesh, {"image_l": labeled["image"], "label_l": labeled["label"],
+                                                    "image_u": unlabeled["image"]}))
+
+    # The steps still to run compile before the state exists, from its shapes and a first batch:
+    # the compiler's peak (on a CPU over twice the state) then never sits on top of the state.
+    # The run resumes from the newest checkpoint; should that one prove unreadable and an older
+    # one lie in another stage, the loop compiles that stage when it gets there.
+    first_batch = next_batch()
+    state_shapes = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+    resume_from = checkpoints.latest_saved_step or 0
+    for stage in stages:
+        if (resume_from < boundary) if stage == 1 else (total_steps > max(resume_from, boundary)):
+            started = time.perf_counter()
+            steppers[stage] = steppers[stage].lower(state_shapes, first_batch).compile()
+            log.info("stage %d train step compiled in %.1f s", stage, time.perf_counter() - started)
+    host_memory.release_freed_memory()  # what the compiler freed, before the state is allocated
+
+    # The state (replicated over the mesh), then the newest intact checkpoint.
+    state = init(jax.random.PRNGKey(config.seed))
     restored = checkpoints.restore_last(state, streams)
     if restored is not None:
         state = restored
+        first_batch = None  # drawn before the streams were set to the checkpoint's position
     elif config.model.init_from:  # A fresh run starts its segmenter from the file (a resumed one needs no file).
         state, loaded = state_with_pretrained(state, config.model.init_from)
         state = parallel.replicate(mesh, state)
@@ -450,14 +481,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
     if not validates:
         log.info("no val cases: no checkpoint selection, the last state is tested")
 
-    # Global steps [0, boundary) are stage 1 (relational pretraining), the rest stage 2 (ARCO).
-    boundary = config.pretrain.steps
-    total_steps = boundary + config.train.steps
-    shardings = dict(in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-    stages = methods.stage_methods(config)
-    makers = {1: make_pretrain_step, 2: make_train_step}  # each runs the method of its stage
-    steppers = {stage: jax.jit(makers[stage](config, nets, tx), **shardings) for stage in stages}
     finish = {stage: jax.jit(m.finish, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
               for stage, m in stages.items() if m.finish is not None}
     evaluator = evaluators.build(config)
@@ -505,13 +528,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 started = time.perf_counter()
             profiler.before_update(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                labeled, unlabeled = next(streams)
-                arrays = parallel.global_batch(mesh, {"image_l": labeled["image"], "label_l": labeled["label"],
-                                                      "image_u": unlabeled["image"]})
-                batch = Batch(**arrays)
-                if first_of_stage:
-                    # Compiled before its first call, so that what the compiler freed is handed
-                    # back before the step's buffers are allocated on top of it.
+                batch, first_batch = (first_batch, None) if first_batch is not None else (next_batch(), None)
+                if not isinstance(steppers[stage], jax.stages.Compiled):
+                    # Not compiled ahead (see above): compiled before its first call, so that what
+                    # the compiler freed is handed back before the step's buffers are allocated.
                     steppers[stage] = steppers[stage].lower(state, batch).compile()
                     host_memory.release_freed_memory()
                 state, metrics = steppers[stage](state, batch)
@@ -522,7 +542,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             if first_of_stage:
                 # A stage's first call compiles; keep that out of the steps/s figure.
                 jax.block_until_ready(metrics)
-                log.info("stage %d train step compiled and run once in %.1f s", stage, time.perf_counter() - started)
+                log.info("stage %d train step run once in %.1f s", stage, time.perf_counter() - started)
                 metric_log.start(step)
             profiler.after_update(step, metrics)
             last = step == total_steps

@@ -322,7 +322,7 @@ def test_command_line_without_data_dir_exits_with_the_field_name(tmp_path):
 
 def test_progress_eta_of_stage_1_names_the_end_of_stage_1(tmp_path, monkeypatch):
     """Stage 1 runs several times faster than stage 2: its rate predicts only its own end."""
-    clock = iter([0.0, 10.0, 20.0])
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0])
     monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
     lines = []
     monkeypatch.setattr(train.log, "info", lambda message, *args: lines.append(message % args))
@@ -335,3 +335,8 @@ def test_progress_eta_of_stage_1_names_the_end_of_stage_1(tmp_path, monkeypatch)
     assert lines[0].startswith("stage 1 | step 50/300") and lines[0].endswith("ETA 0m10s to stage 2")
     assert "(sup 0.5000 rel_global 0.5000)" in lines[0] and "(sup 0.5000 contrast 0.5000)" in lines[1]
     assert lines[1].startswith("stage 2 | step 150/300") and lines[1].endswith("ETA 0m15s")
+    assert " | 5.00 steps/s" in lines[0] and " | 10.00 steps/s" in lines[1]
+    # An interval of only the compiling first step has no speed; the line says so, not "nan".
+    metric_log.start(150)
+    metric_log.progress(150, metrics, stage=2)
+    assert "nan" not in lines[2] and " | speed from the next interval (this one compiled) | ETA --" in lines[2]
