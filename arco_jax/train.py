@@ -448,13 +448,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
             log.info("stage %d train step compiled in %.1f s", stage, time.perf_counter() - started)
     host_memory.release_freed_memory()  # what the compiler freed, before the state is allocated
 
-    # The state (replicated over the mesh), then the newest intact checkpoint.
-    state = init(jax.random.PRNGKey(config.seed))
-    restored = checkpoints.restore_last(state, streams)
+    # The newest intact checkpoint (read into the state's shapes), else a fresh state; either
+    # way one state is allocated (replicated over the mesh).
+    restored = checkpoints.restore_last(state_shapes, streams)
     if restored is not None:
         state = restored
         first_batch = None  # drawn before the streams were set to the checkpoint's position
-    elif config.model.init_from:  # A fresh run starts its segmenter from the file (a resumed one needs no file).
+    else:
+        state = init(jax.random.PRNGKey(config.seed))
+    if restored is None and config.model.init_from:  # A fresh run starts its segmenter from the file.
         state, loaded = state_with_pretrained(state, config.model.init_from)
         state = parallel.replicate(mesh, state)
         log.info("init_from %s: %d segmenter arrays loaded", config.model.init_from, loaded)
@@ -600,11 +602,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                "sampler": config.arco.sampler, "strata": config.arco.strata, "evaluator": evaluator.name,
                **evaluator.results_fields, "best_val": best, "test": {}}
     tables = []
-    candidates = [("best", checkpoints.restore_best(state) if validates else None), ("last", state)]
-    for name, candidate in candidates:
-        if candidate is None:
+    # Each predictor holds only its segmenter's variables. The last state's banks and optimizer
+    # moments are let go before the best state is read, and the best state's once its predictor
+    # exists: two full states never sit in memory together.
+    predict_last = predictors(state)
+    state = restored = None
+    host_memory.release_freed_memory()
+    best_state = checkpoints.restore_best(state_shapes) if validates else None
+    predict_best = None if best_state is None else predictors(best_state)
+    best_state = None
+    for name, predict in (("best", predict_best), ("last", predict_last)):
+        if predict is None:
             continue
-        predict = predictors(candidate)
         result = evaluator.run(predict, data, "test")
         results["test"][name] = result.record
         events.scalars(step, monitoring.eval_scalars(f"test_{name}", result.metrics, result.record))

@@ -331,6 +331,30 @@ def assert_same_tree(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_the_fingerprint_is_the_modular_bit_sums_of_every_leaf_in_any_chunking():
+    """Checkpoints written before the fingerprint was summed on the host must still verify: the
+    same two sums modulo 2**32 as the jitted formula that computed it then (here the oracle)."""
+    def oracle(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        bits = x.astype(jnp.uint32) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
+            x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+        bits = bits.reshape(-1)
+        position = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+        return [int(jnp.sum(bits, dtype=jnp.uint32)), int(jnp.sum(bits * position, dtype=jnp.uint32))]
+
+    key = jax.random.PRNGKey(3)
+    tree = {"f32": jax.random.normal(key, (37, 11)) * 1e6, "bf16": jnp.linspace(-3, 3, 50, dtype=jnp.bfloat16),
+            "i8": jnp.arange(-60, 60, dtype=jnp.int8), "flags": jnp.arange(9) % 2 == 0, "step": jnp.int32(123456789),
+            "typed_key": jax.random.key(5), "raw_key": key, "big": jnp.full((5000,), 0xFFFFFFFF, jnp.uint32)}
+    expected = [oracle(x) for x in jax.tree.leaves(tree)]
+    assert max(w for _, w in expected) > 2 ** 31  # the sums do wrap
+    for chunk in (7, 1000, checkpointing.FINGERPRINT_CHUNK):
+        assert checkpointing.state_fingerprint(tree, chunk=chunk) == expected
+    with pytest.raises(TypeError, match="no fingerprint for dtype float64"):
+        checkpointing.state_fingerprint({"x": np.zeros(3)})
+
+
 def test_restore_returns_the_newest_state_and_stream_position(saved_steps):
     state, streams = restore(saved_steps)
     assert_same_tree(state, fake_state(4))
