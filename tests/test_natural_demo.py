@@ -171,7 +171,7 @@ def voc_photo_folder(root, band: int = 2):
 def test_the_demo_network_overfits_a_real_photograph(tmp_path):
     """The demo's DeepLabv3+ (no pretrained weights) fits the photo to >= 0.9 mIoU through the
     Pascal reader (JPEG, palette PNG, 255 ignored), the trainer and the mIoU evaluator; at half
-    size (188 x 250), 150 steps, to stay cheap; the label band drawn at full size."""
+    size (188 x 250), 100 steps (0.94 mIoU on a 2-core CPU), to stay cheap; the label band drawn at full size."""
     classes = voc_photo_folder(tmp_path / "voc")
     config = base_config()
     registry.select(config, "pascal")
@@ -187,8 +187,8 @@ def test_the_demo_network_overfits_a_real_photograph(tmp_path):
     config.optim.learning_rate = 0.1
     config.eval.model = "student"
     t = config.train
-    t.steps = t.eval_every = t.checkpoint_every = 150
-    t.log_every = 75
+    t.steps = t.eval_every = t.checkpoint_every = 100
+    t.log_every = 50
     results = train.train_and_evaluate(config, tmp_path / "run")
     best = results["test"]["best"]
     present = [name for name, value in best["per_class"].items() if value["iou"] is not None]
