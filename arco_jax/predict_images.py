@@ -45,19 +45,12 @@ LABEL_SUFFIX, OVERLAY_SUFFIX = "_label.png", "_overlay.png"
 OPACITY = 0.5
 # Modes of more than 8 bits a channel: PIL's conversion to RGB would clip them, not rescale them.
 DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
-# Cityscapes' colours of the 19 train ids (cityscapesScripts labels.py), in train-id order.
-CITYSCAPES_COLOURS = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-                      (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-                      (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-                      (0, 80, 100), (0, 0, 230), (119, 11, 32))
-
-
-def palette_for(dataset: str) -> np.ndarray:
-    """(256, 3) uint8 class colours: Cityscapes' for its 19 train ids (the rest VOC's map), VOC's
-    colour map for Pascal and every other dataset."""
+def palette_for(info: registry.DatasetInfo) -> np.ndarray:
+    """(256, 3) uint8 class colours: the dataset's own (DatasetInfo.colours: Cityscapes' for its
+    19 train ids), VOC's colour map for the classes past them (Pascal and most datasets: all)."""
     palette = natural.voc_palette()
-    if dataset == "cityscapes":
-        palette[:len(CITYSCAPES_COLOURS)] = CITYSCAPES_COLOURS
+    if info.colours:
+        palette[:len(info.colours)] = info.colours
     return palette
 
 
@@ -167,7 +160,7 @@ def overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> np.ndar
     return np.round(np.where(keep, rgb, tinted)).astype(np.uint8)
 
 
-def label_image(labels: np.ndarray, dataset: str, label_ids: bool = False) -> Image.Image:
+def label_image(labels: np.ndarray, info: registry.DatasetInfo, label_ids: bool = False) -> Image.Image:
     """The label map as written: a palette PNG of class indices, or Cityscapes' labelIds ('L')."""
     if label_ids:
         from arco_jax.data import cityscapes  # pylint: disable=import-outside-toplevel
@@ -175,7 +168,7 @@ def label_image(labels: np.ndarray, dataset: str, label_ids: bool = False) -> Im
         table = np.array([label_id for label_id, _ in cityscapes.TRAIN_CLASSES], np.uint8)
         return Image.fromarray(table[labels], mode="L")
     image = Image.fromarray(labels, mode="P")
-    image.putpalette(palette_for(dataset).ravel().tolist())
+    image.putpalette(palette_for(info).ravel().tolist())
     return image
 
 
@@ -227,10 +220,10 @@ def predict_image_file(model: inference.TrainedModel, path: Path, label_path: Pa
     """Segment one image file into its label map and overlay; returns both paths."""
     rgb = read_image(path)
     labels = predict_labels(model, rgb)
-    dataset = model.config.data.dataset
-    _save_atomically(label_image(labels, dataset, label_ids), label_path)
+    info = registry.info(model.config)
+    _save_atomically(label_image(labels, info, label_ids), label_path)
     overlay_file = overlay_path(label_path)
-    _save_atomically(Image.fromarray(overlay(rgb, labels, palette_for(dataset))), overlay_file)
+    _save_atomically(Image.fromarray(overlay(rgb, labels, palette_for(info))), overlay_file)
     return [label_path, overlay_file]
 
 

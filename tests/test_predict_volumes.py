@@ -206,6 +206,9 @@ def test_normalize_and_axis_helpers(tmp_path):
     (dict(h5_axes="dh"), "got 'dh'"),
     (dict(weak_augment="flip"), "weak_augment must be one of ('resize_rotate', 'rot_flip_crop', 'scale_crop_flip', "
                                 "'crop_flip', 'crop'), got 'flip'"),
+    (dict(colours=((0, 0, 0), (1, 2, 3), (4, 5, 6))), "colours: 3 for 2 classes"),
+    (dict(colours=((0, 0, 0), (1, 2, 300))), "colours[1] must be three integers in 0..255 (R, G, B), got (1, 2, 300)"),
+    (dict(colours=((0, 0),)), "colours[0] must be three integers in 0..255 (R, G, B), got (0, 0)"),
 ])
 def test_dataset_info_checks_the_predict_fields(fields, problem):
     with pytest.raises(ValueError, match=re.escape(problem)):

@@ -71,8 +71,16 @@ LAYOUT = natural.Layout(
     where=lambda root, data, split: f"{root / IMAGE_DIR / split}",
     manual=f"the folder with {IMAGE_DIR}/ and {LABEL_DIR}/ of the official Cityscapes download")
 
+# Cityscapes' colours of the 19 train ids (cityscapesScripts labels.py), in train-id order: its
+# label PNGs and overlays (predict_images) look as every Cityscapes tool shows them.
+COLOURS = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+           (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+           (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+           (0, 80, 100), (0, 0, 230), (119, 11, 32))
+
 CITYSCAPES = natural.make_spec(
     NAME, "Cityscapes", LAYOUT, CODEC, CLASS_NAMES,
     fields={"labeled_images": 20, "resize": (512, 1024), "random_scale": False},
     description="Cityscapes fine (train 2975 / val 500), label ids mapped to the 19 train ids, the rest 255; RGB "
-                "resized to 1024 x 512, per-image mIoU")
+                "resized to 1024 x 512, per-image mIoU",
+    colours=COLOURS)

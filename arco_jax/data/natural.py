@@ -520,25 +520,28 @@ COMMON_FIELDS = {"labeled_images": 0, "labeled_split": "", "labeled_seed": 0, "s
                  "random_scale": True}
 
 
-def image_info(class_names: tuple[str, ...]) -> Callable[[ml_collections.ConfigDict], registry.DatasetInfo]:
+def image_info(class_names: tuple[str, ...], colours: tuple[tuple[int, int, int], ...] = ()
+               ) -> Callable[[ml_collections.ConfigDict], registry.DatasetInfo]:
     """DatasetSpec.info of a natural-image dataset: RGB, 255 ignored, evaluated per image; the weak
-    view scales (data.random_scale) then crops and flips."""
+    view scales (data.random_scale) then crops and flips; `colours` the classes' display colours."""
     def info(config):
         scale = config.data.get("random_scale", True)
         return registry.DatasetInfo(num_classes=len(class_names) + 1, class_names=class_names,
                                     ignore_label=IGNORE_LABEL, spatial_rank=2, in_channels=3, eval_unit="image",
-                                    weak_augment="scale_crop_flip" if scale else "crop_flip", intensity="imagenet")
+                                    weak_augment="scale_crop_flip" if scale else "crop_flip", intensity="imagenet",
+                                    colours=colours)
     return info
 
 
 def make_spec(name: str, title: str, layout: Layout, codec: LabelCodec, class_names: tuple[str, ...],
-              fields: dict, description: str) -> registry.DatasetSpec:
+              fields: dict, description: str, colours: tuple[tuple[int, int, int], ...] = ()
+              ) -> registry.DatasetSpec:
     """A registered natural-image dataset: RGB, 255 ignored, evaluated per image by mIoU; the weak
     view scales (data.random_scale) then crops and flips."""
     def open_dataset(config):
         check_fields(config, name, layout)
         return NaturalDataset(config, open_store(config, name, layout, codec), title)
 
-    return registry.DatasetSpec(name=name, fields=lambda: {**COMMON_FIELDS, **fields}, info=image_info(class_names),
+    return registry.DatasetSpec(name=name, fields=lambda: {**COMMON_FIELDS, **fields}, info=image_info(class_names, colours),
                                 validate=lambda config: validate(config, name, layout), open=open_dataset,
                                 description=description)

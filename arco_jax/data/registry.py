@@ -68,6 +68,8 @@ class DatasetInfo:
       d (slices), h and w: 'dhw' (SSL4MIS, stored depth first) or 'hwd' (UA-MT's mri_norm2.h5,
       read transposed to (D, H, W)). An h5 scan given to predict for a run on the dataset is
       read in this order and its labels are written back in it.
+    colours: display colours (R, G, B) of classes 0, 1, ... in label PNGs and overlays
+      (predict_images); a class past them, or every class when empty, takes VOC's colour map.
     """
 
     num_classes: int
@@ -80,6 +82,7 @@ class DatasetInfo:
     weak_augment: str = "resize_rotate"
     intensity: str = "minmax"
     h5_axes: str = DEPTH_FIRST
+    colours: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -105,6 +108,11 @@ class DatasetInfo:
         if not (isinstance(self.h5_axes, str) and sorted(self.h5_axes) == sorted(DEPTH_FIRST)):
             raise ValueError(f"h5_axes must order the letters of {DEPTH_FIRST!r} (e.g. 'dhw', 'hwd'), "
                              f"got {self.h5_axes!r}")
+        if len(self.colours) > self.num_classes:
+            raise ValueError(f"colours: {len(self.colours)} for {self.num_classes} classes")
+        for index, colour in enumerate(self.colours):
+            if len(colour) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in colour):
+                raise ValueError(f"colours[{index}] must be three integers in 0..255 (R, G, B), got {colour!r}")
 
 
 @dataclasses.dataclass(frozen=True)
