@@ -215,7 +215,7 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     started = time.perf_counter()
     grid = [(m, b, s) for m in method_names for b in budgets for s in seeds]
-    records: list[dict] = []
+    records: dict[tuple, dict] = {}
     env = benchmark.environment()  # once: it asks git and the devices
     fixed = {
         "config": config_path, "methods": list(method_names), "budgets": list(budgets), "seeds": list(seeds),
@@ -229,14 +229,19 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
     }
 
     def report_so_far() -> dict:
-        return {**fixed, "wall_s": sum(r["wall_s"] for r in records), "this_call_s": time.perf_counter() - started,
-                "pending": [run_name(*cell) for cell in grid[len(records):]],
-                "cells": summarize(records, method_names, budgets), "runs": list(records)}
+        runs = [records[cell] for cell in grid if cell in records]  # in grid order
+        return {**fixed, "wall_s": sum(r["wall_s"] for r in runs), "this_call_s": time.perf_counter() - started,
+                "pending": [run_name(*cell) for cell in grid if cell not in records],
+                "cells": summarize(runs, method_names, budgets), "runs": runs}
 
     # The report is rewritten after every run (atomically), so a study that takes days shows its
-    # table as it grows, and a stopped one keeps what it finished.
-    for cell in grid:
-        records.append(run_one(out, *cell, overrides, config_path))
+    # table as it grows, and a stopped one keeps what it finished. Finished runs are taken first,
+    # so the report holds all of them before the next run starts, wherever they lie in the grid.
+    def finished(cell) -> bool:
+        return (out / "runs" / run_name(*cell) / "study_record.json").exists()
+
+    for cell in [c for c in grid if finished(c)] + [c for c in grid if not finished(c)]:
+        records[cell] = run_one(out, *cell, overrides, config_path)
         report = report_so_far()
         files.write_text(out / "study.json", json.dumps(report, indent=2))
         files.write_text(out / "study.md", markdown(report))

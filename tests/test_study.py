@@ -194,3 +194,29 @@ def test_a_run_from_before_a_preset_changed_is_refused_and_one_from_before_a_def
     assert study.run_one(tmp_path, "supervised", 1, 0, TINY)["test_dice"] == 0.5
     with pytest.raises(ValueError, match=r"arco.ema_warmup: False -> True"):
         study.run_one(tmp_path, "mean_teacher", 1, 0, TINY)
+
+
+def test_finished_runs_are_reported_before_the_next_run_starts(tmp_path, monkeypatch):
+    """A finished run late in the grid is in the report written after the first run of this call,
+    not listed as pending until the loop reaches it."""
+    runs = []
+
+    def fake_run(out, method, budget, seed, overrides, config_path):
+        runs.append((method, seed))
+        if len(runs) == 2:
+            raise RuntimeError("stopped")
+        return {"method": method, "labeled_patients": budget, "seed": seed, "labeled_slices": 3, "steps": 4,
+                "best_val": 0.5, "test_dice": 0.5, "test_hd95": 2.0, "test_asd": 1.0,
+                "test_dice_per_class": {"RV": 0.5}, "wall_s": 1.0, "command": "python -m arco_jax.main"}
+
+    finished = tmp_path / "runs" / study.run_name("mean_teacher", 1, 1)
+    finished.mkdir(parents=True)
+    (finished / "study_record.json").write_text("{}")
+    monkeypatch.setattr(study, "run_one", fake_run)
+    with pytest.raises(RuntimeError, match="stopped"):
+        study.run_study(tmp_path, METHODS, budgets=(1,), seeds=(0, 1), overrides=TINY)
+    assert runs == [("mean_teacher", 1), ("supervised", 0)]  # the finished one first, then the grid
+    report = json.loads((tmp_path / "study.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("mean_teacher", 1)]
+    assert report["pending"] == [study.run_name(m, 1, s) for m, s in
+                                 (("supervised", 0), ("supervised", 1), ("mean_teacher", 0))]
