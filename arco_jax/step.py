@@ -39,7 +39,7 @@ def teacher_decay(config: ml_collections.ConfigDict, stage_step: jax.Array) -> f
 
 
 def teacher_running_stats(config: ml_collections.ConfigDict, passes_stats: dict | None, student_stats: dict,
-                          teacher_stats: dict, decay: float) -> dict:
+                          teacher_stats: dict, decay: float | jax.Array) -> dict:
     """The teacher's BatchNorm running statistics after a step: those its train-mode passes left
     (core.teacher_pass); where it ran none, or in eval mode (its passes move none), the EMA of the
     student's, as its parameters."""

@@ -240,7 +240,7 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
     def finished(cell) -> bool:
         return (out / "runs" / run_name(*cell) / "study_record.json").exists()
 
-    for cell in [c for c in grid if finished(c)] + [c for c in grid if not finished(c)]:
+    for cell in sorted(grid, key=lambda c: not finished(c)):  # stable: each group in grid order
         records[cell] = run_one(out, *cell, overrides, config_path)
         report = report_so_far()
         files.write_text(out / "study.json", json.dumps(report, indent=2))

@@ -530,7 +530,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path, 
                 started = time.perf_counter()
             profiler.before_update(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch, first_batch = (first_batch, None) if first_batch is not None else (next_batch(), None)
+                if first_batch is not None:  # drawn for the ahead compile
+                    batch, first_batch = first_batch, None
+                else:
+                    batch = next_batch()
                 if not isinstance(steppers[stage], jax.stages.Compiled):
                     # Not compiled ahead (see above): compiled before its first call, so that what
                     # the compiler freed is handed back before the step's buffers are allocated.

@@ -537,11 +537,12 @@ def make_spec(name: str, title: str, layout: Layout, codec: LabelCodec, class_na
               fields: dict, description: str, colours: tuple[tuple[int, int, int], ...] = ()
               ) -> registry.DatasetSpec:
     """A registered natural-image dataset: RGB, 255 ignored, evaluated per image by mIoU; the weak
-    view scales (data.random_scale) then crops and flips."""
+    view scales (data.random_scale) then crops and flips; `colours` as DatasetInfo.colours."""
     def open_dataset(config):
         check_fields(config, name, layout)
         return NaturalDataset(config, open_store(config, name, layout, codec), title)
 
-    return registry.DatasetSpec(name=name, fields=lambda: {**COMMON_FIELDS, **fields}, info=image_info(class_names, colours),
+    return registry.DatasetSpec(name=name, fields=lambda: {**COMMON_FIELDS, **fields},
+                                info=image_info(class_names, colours),
                                 validate=lambda config: validate(config, name, layout), open=open_dataset,
                                 description=description)
