@@ -472,6 +472,16 @@ def labeled_view(config: ml_collections.ConfigDict, nets: Networks, batch: Batch
     return dataclasses.replace(batch, image_l=image_l)
 
 
+def equivariance_photometric(config: ml_collections.ConfigDict, nets: Networks, key: jax.Array,
+                             images: jax.Array) -> jax.Array:
+    """The equivariance term's second photometric view of the strong images: the strong view's
+    jitter (augment.jitter's kind and ranges, augment.jitter_prob) and blur (augment.blur_prob),
+    drawn anew; it moves no pixel, so the warp compared with the prediction is the only geometry."""
+    g = config.augment
+    return augment.labeled_photometric(key, images, jitter_prob=g.jitter_prob, blur_prob=g.blur_prob,
+                                       value_range=nets.image_range, colour=_colour_settings(config))
+
+
 def equivariance_mask(labels: jax.Array, confidences: jax.Array, num_classes: int, threshold: float) -> jax.Array:
     """Where the equivariance term compares predictions: confident foreground pixels (an
     ignore label, being no class, is never foreground)."""
@@ -507,10 +517,7 @@ def arco_loss(params: dict, state: TrainState, batch: Batch, key: jax.Array, pro
         # Equivariance: student(T(x)) should match T(student(x)) on confident foreground.
         # A second photometric view of the strong images: same geometry as the prediction it
         # is compared with (the reference re-warps independently, misaligning the two).
-        jitter_key, blur_key = jax.random.split(keys["eqv_view"])
-        view_u = augment.gaussian_blur(blur_key, augment.intensity_jitter(jitter_key, image_s,
-                                                                          value_range=nets.image_range))
-        view = jnp.concatenate([batch.image_l, view_u])
+        view = jnp.concatenate([batch.image_l, equivariance_photometric(config, nets, keys["eqv_view"], image_s)])
         matrices = augment.random_similarity(keys["eqv_warp"], view.shape[0], scale_range=tuple(a.eqv_scale),
                                              spatial_rank=view.ndim - 2)
         passes["eqv"] = (augment.warp_affine(view, matrices, order=1), keys["eqv_student"])

@@ -176,6 +176,27 @@ def test_labeled_photometric_is_the_jitter_then_the_blur_with_their_probabilitie
     assert changed(gray, rgb[..., :1]).all() and gray.min() >= 0.0 and gray.max() <= 1.0
 
 
+def test_equivariance_view_takes_the_strong_views_jitter_kind_and_probabilities():
+    key = jax.random.PRNGKey(3)
+    unit = types.SimpleNamespace(image_range=(0.0, 1.0))
+    # ACDC: the intensity jitter and blur at p=.5 each, drawn as they always were.
+    gray = jax.random.uniform(jax.random.PRNGKey(0), (6, 5, 5, 1))
+    jitter_key, blur_key = jax.random.split(key)
+    before = augment.gaussian_blur(blur_key, augment.intensity_jitter(jitter_key, gray, value_range=(0.0, 1.0)))
+    np.testing.assert_array_equal(objective.equivariance_photometric(load_config("acdc"), unit, key, gray), before)
+    # Pascal: ImageNet-normalised RGB gets the colour jitter with augment.jitter_prob (0.8), not
+    # the intensity jitter at 0.5.
+    config = load_config("pascal")
+    rgb = (jax.random.uniform(jax.random.PRNGKey(0), (6, 5, 5, 3)) - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    normalised = types.SimpleNamespace(image_range=None)
+    out = objective.equivariance_photometric(config, normalised, key, rgb)
+    expected = augment.labeled_photometric(key, rgb, jitter_prob=0.8, blur_prob=0.5,
+                                           colour=augment.ColourJitter(0.25, 0.25, mean=MEAN, std=STD))
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    intensity = augment.labeled_photometric(key, rgb, jitter_prob=0.5, blur_prob=0.5)
+    assert np.abs(np.asarray(out) - np.asarray(intensity)).max() > 1e-2
+
+
 def _fake_state(config, tx):
     params = {"segmenter": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(2)}, "projector": {}}
     return TrainState(step=jnp.int32(0), params=params, batch_stats={}, opt_state=tx.init(params),
