@@ -378,7 +378,7 @@ def _time_forward(config, nets, state, batch, repeats: int) -> dict:
     def forward(params, batch_stats, images, labels, key):
         (logits, _), _ = nets.segmenter.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                               rngs={"dropout": key}, mutable=["batch_stats"])
-        return losses.supervised_loss(logits, labels)[0]
+        return losses.supervised_loss(logits, labels, config.data.ignore_label, kind=config.loss.supervised)[0]
 
     args = (state.params["segmenter"], state.batch_stats, batch.image_l, batch.label_l, state.rng)
     compiled = jax.jit(forward).lower(*args).compile()
