@@ -9,7 +9,6 @@
   computed at HIGHEST (read from the traced program: the CPU ignores matmul precision, so only
   the program can show what a TPU would do), and bfloat16 networks compute their logits in float32.
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,15 +22,9 @@ import pytest
 from arco_jax import augment, losses, models, pretrain, train
 from arco_jax.config import ConfigError, base_config, data_mesh_size, resolve_for_devices, validate
 from arco_jax.data import registry
+from tests.tiny import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def config_file(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 # ----------------------------------------------------------------------------- the batch on N devices
@@ -40,7 +33,7 @@ def config_file(name: str):
 @pytest.mark.parametrize("devices, hosts, used", [(1, 1, 1), (4, 1, 4), (8, 1, 4), (16, 1, 4), (16, 4, 4)])
 def test_shipped_configs_run_on_1_4_8_16_devices(name, devices, hosts, used):
     """4 + 4 is the experiment: it stays 4 + 4 and takes the devices it divides over."""
-    c = config_file(name)
+    c = load_config(name)
     validate(c, device_count=devices, process_count=hosts, platform="tpu", check_data=False)
     assert (c.data.batch_labeled, c.data.batch_unlabeled) == (4, 4)
     assert c.data.mesh_devices == used and c.arco.remat_student is False
@@ -55,7 +48,7 @@ ADVERTISED = {"v4-8": (4, 1), "v4-32": (16, 4), "v5litepod-8": (8, 1), "v5litepo
 def test_every_advertised_tpu_type_runs_acdc_and_the_demo(accelerator):
     devices, hosts = ADVERTISED[accelerator]
     for name in ("acdc", "demo"):
-        c = config_file(name)
+        c = load_config(name)
         validate(c, device_count=devices, process_count=hosts, platform="tpu", check_data=False)
         assert c.data.mesh_devices == 4 and c.data.mesh_devices % hosts == 0
 
@@ -114,10 +107,10 @@ def test_pascal_recomputes_on_every_platform_to_stay_within_12_gb():
     """configs/pascal.py sets the switch (its 10 + 10 step needs 13.9 GB of XLA's compiled memory
     without, 8.2 GB with); the other natural-image configs keep the auto rule."""
     for platform, devices in (("gpu", 1), ("tpu", 8), ("cpu", 2)):
-        c = config_file("pascal")
+        c = load_config("pascal")
         resolve_for_devices(c, devices, platform=platform)
         assert c.arco.remat_student is True, platform
-    sun = config_file("sun")
+    sun = load_config("sun")
     resolve_for_devices(sun, 1, platform="gpu")
     assert sun.arco.remat_student is False
 

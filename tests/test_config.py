@@ -3,7 +3,6 @@ shipped experiment files load and validate, and command-line overrides reach the
 
 Nothing here imports jax or compiles anything; the whole file runs in about a second.
 """
-import importlib.util
 from pathlib import Path
 
 import re
@@ -15,16 +14,9 @@ from ml_collections import config_flags
 from arco_jax import config as config_lib
 from arco_jax.config import ConfigError, base_config, validate
 from arco_jax.data import registry
+from tests.tiny import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config_file(name: str):
-    """get_config() of configs/<name>.py, imported by path as the command line does."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def phantom_config():
@@ -60,26 +52,26 @@ def test_base_config_validates_on_the_phantom():
 
 
 def test_demo_config_validates():
-    c = load_config_file("demo")
+    c = load_config("demo")
     assert c.data.dataset == "phantom"
     validate(c)
     validate(c, device_count=2)
 
 
 def test_acdc_config_needs_a_data_dir():
-    c = load_config_file("acdc")
+    c = load_config("acdc")
     assert c.data.data_dir == ""
     assert_rejected(c, "data.data_dir", mentions=("acdc",))
 
 
 def test_acdc_config_rejects_a_data_dir_that_does_not_exist(tmp_path):
-    c = load_config_file("acdc")
+    c = load_config("acdc")
     c.data.data_dir = str(tmp_path / "nowhere")
     assert_rejected(c, "data.data_dir", mentions=(str(tmp_path / "nowhere"),))
 
 
 def test_acdc_config_validates_with_a_data_dir(tmp_path):
-    c = load_config_file("acdc")
+    c = load_config("acdc")
     c.data.data_dir = str(tmp_path)
     validate(c)
     validate(c, device_count=2)
@@ -87,7 +79,7 @@ def test_acdc_config_validates_with_a_data_dir(tmp_path):
 
 @pytest.mark.parametrize("count", [1, 3, 7])
 def test_acdc_accepts_the_published_labeled_counts(tmp_path, count):
-    c = load_config_file("acdc")
+    c = load_config("acdc")
     c.data.data_dir = str(tmp_path)
     c.data.labeled_patients = count
     validate(c)
@@ -95,7 +87,7 @@ def test_acdc_accepts_the_published_labeled_counts(tmp_path, count):
 
 @pytest.mark.parametrize("count", [0, 2, 5, 14])
 def test_acdc_rejects_other_labeled_counts(tmp_path, count):
-    c = load_config_file("acdc")
+    c = load_config("acdc")
     c.data.data_dir = str(tmp_path)
     c.data.labeled_patients = count
     assert_rejected(c, "data.labeled_patients", mentions=(str(count),))
@@ -364,7 +356,7 @@ def test_command_line_overrides_reach_the_config():
 
 
 def test_command_line_without_overrides_is_the_file():
-    assert parse_command_line().to_dict() == load_config_file("demo").to_dict()
+    assert parse_command_line().to_dict() == load_config("demo").to_dict()
 
 
 def test_command_line_rejects_a_misspelled_field():

@@ -2,7 +2,6 @@
 layout, and configs/lits.py / configs/mmwhs.py opening what they write."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,13 +14,6 @@ from arco_jax.data import convert_lits, convert_mmwhs, registry
 from arco_jax.data.ssl4mis import DataError
 
 SHAPE = (20, 16, 5)
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", tiny.REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def hu_volume(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +65,7 @@ def test_lits_converts_to_the_folder_with_arco_split(tmp_path):
 
 def test_configs_lits_reads_the_converted_folder(tmp_path):
     out = convert_lits.convert(write_lits(tmp_path / "raw", numbers=tuple(range(6)) + (100, 101)), tmp_path / "LiTS")
-    c = load_config("lits")
+    c = tiny.load_config("lits")
     c.data.data_dir, c.data.cache_dir, c.data.labeled_cases = str(out), str(tmp_path / "cache"), 1
     registry.resolve(c)
     assert (c.data.num_classes, tuple(c.data.class_names), c.data.in_channels) == (3, ("liver", "lesion"), 1)
@@ -123,7 +115,7 @@ def test_mmwhs_maps_the_label_codes_and_splits_15_5(tmp_path):
 def test_configs_mmwhs_reads_an_mr_folder(tmp_path):
     raw = write_mmwhs(tmp_path / "mr_train", modality="mr", numbers=range(1001, 1021))
     out = convert_mmwhs.convert(raw, tmp_path / "MMWHS_MR", modality="mr")
-    c = load_config("mmwhs")
+    c = tiny.load_config("mmwhs")
     c.data.data_dir, c.data.cache_dir, c.data.labeled_cases = str(out), str(tmp_path / "cache"), 2
     registry.resolve(c)
     assert c.data.num_classes == 8 and tuple(c.data.class_names)[:2] == ("Myo", "LA")

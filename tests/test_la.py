@@ -203,17 +203,12 @@ def test_label_values_are_checked_when_the_case_is_read(root):
 
 
 def test_the_la_config_file_has_the_reference_settings(root):
-    import importlib.util
-
     from arco_jax import evaluators, methods
     from arco_jax.config import validate
+    from tests.tiny import load_config
 
-    path = Path(__file__).resolve().parent.parent / "configs" / "la.py"
-    spec = importlib.util.spec_from_file_location("configs_la", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     data_root, _ = root
-    c = module.get_config()
+    c = load_config("la")
     c.data.data_dir = str(data_root)
     validate(c)
     assert (c.model.name, c.model.rep_dim, tuple(c.data.patch_size)) == ("vnet", 16, (80, 112, 112))
@@ -225,7 +220,7 @@ def test_the_la_config_file_has_the_reference_settings(root):
     assert (c.optim.learning_rate, c.optim.nesterov, c.optim.weight_decay) == (0.01, True, 1e-4)
     assert tuple(c.eval.stride) == (4, 18, 18) and evaluators.type_of(c) == "sliding_window"
     assert registry.info(c).weak_augment == "rot_flip_crop" and c.arco.negatives == "other_classes"
-    baseline = module.get_config("method=supervised")
+    baseline = load_config("la", "method=supervised")
     baseline.data.data_dir = str(data_root)
     validate(baseline)
     assert methods.stage2_method_name(baseline) == "supervised"

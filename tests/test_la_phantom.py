@@ -1,7 +1,6 @@
 """The built-in 3-D atrium phantom (arco_jax.data.la_phantom): deterministic per case, written
 once in the UA-MT layout and read by the LA reader unchanged, not separable by intensity
 alone, its field errors named, and configs/la_demo.py valid on it. Tiny volumes."""
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ from scipy import ndimage
 from arco_jax.config import base_config, validate
 from arco_jax.data import generated, la, la_phantom, registry
 from arco_jax.errors import ConfigError
+from tests.tiny import load_config
 
 TINY = la_phantom.AtriumPhantomConfig(cases=(4, 2), shape=(16, 32, 32), seed=3)
 
@@ -107,14 +107,10 @@ def test_bad_fields_are_named(tmp_path, fields, message):
 def test_the_demo_config_is_the_la_config_scaled_down(cache):
     from arco_jax import evaluators, methods
 
-    path = Path(__file__).resolve().parent.parent / "configs" / "la_demo.py"
-    spec = importlib.util.spec_from_file_location("configs_la_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = load_config("la_demo")
     validate(c)
     assert c.data.dataset == "la_phantom" and tuple(c.data.patch_size) == (32, 48, 48)
     assert (c.model.name, c.model.rep_dim, c.method, c.arco.sampler) == ("vnet", 16, "arco_sag", "sag")
     assert evaluators.type_of(c) == "sliding_window" and tuple(c.eval.window) == tuple(c.data.patch_size)
     assert registry.info(c).weak_augment == "rot_flip_crop"
-    assert methods.stage2_method_name(module.get_config("method=supervised")) == "supervised"
+    assert methods.stage2_method_name(load_config("la_demo", "method=supervised")) == "supervised"

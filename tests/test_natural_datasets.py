@@ -16,7 +16,7 @@ from arco_jax.data import cityscapes, natural, pipeline, registry, sun, voc
 from arco_jax.data.ssl4mis import DataError
 from arco_jax.errors import ConfigError
 from tests.tensorflow_stand_in import run_without_tensorflow
-from tests.test_config import load_config_file
+from tests.tiny import load_config
 
 H, W = 40, 48
 VOC_TRAIN = [f"2007_{i:06d}" for i in range(12)]
@@ -493,7 +493,7 @@ def test_tfds_build_and_read_never_import_tensorflow(folders, tmp_path):
     ("sun", "sun", (321, 321), 5, 50)])
 def test_configs_carry_the_recipe_and_validate(folders, name, dataset, patch, batch, labeled):
     roots, _ = folders
-    config = load_config_file(name)
+    config = load_config(name)
     d = config.data
     assert (d.dataset, tuple(d.patch_size), d.batch_labeled, d.batch_unlabeled, d.labeled_images) == (
         dataset, patch, batch, batch, labeled)
@@ -531,7 +531,7 @@ def test_configs_pascal_trains_and_evaluates_on_the_folder(folders, tmp_path):
 
     flags.FLAGS.mark_as_parsed()
     roots, _ = folders
-    config = load_config_file("pascal")
+    config = load_config("pascal")
     d, a = config.data, config.arco
     d.data_dir, d.labeled_images, d.patch_size, d.num_workers = str(roots["pascal"]), 10, (32, 32), 0
     d.batch_labeled = d.batch_unlabeled = 2

@@ -2,7 +2,6 @@
 bad-input messages, and one tiny 2-D and 3-D training run each through configs/nifti_folder.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -62,10 +61,7 @@ def write_folder(root: Path, cases=6, channels=("CT", "T2"), labels=LABELS, spac
 
 
 def load_config(mode: str = "2d", method: str | None = None):
-    spec = importlib.util.spec_from_file_location("configs_nifti_folder", tiny.REPO / "configs" / "nifti_folder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(f"mode={mode}" + (f",method={method}" if method else ""))
+    return tiny.load_config("nifti_folder", f"mode={mode}" + (f",method={method}" if method else ""))
 
 
 def folder_config(root: Path, cache: Path, mode: str = "2d", method: str | None = None, **fields):
