@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from arco_jax import contrast_geometry, inference, objective, sampling, train, variance
+from arco_jax import contrast_geometry, inference, objective, sampling, term_gradients, train, variance
 from arco_jax.data import registry
-from arco_jax.state import build_networks
+from arco_jax.state import build_networks, stage2_progress
 
 import tiny
 
@@ -311,3 +311,58 @@ def test_trained_term_is_the_train_steps_class_term(study, geometry):
 def test_probe_bad_arguments_name_the_flag(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         contrast_geometry.run_probe(tmp_path, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the term-gradient probe
+
+@pytest.fixture(scope="module")
+def gradients(study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("term_gradients")
+    return term_gradients.run_probe(study.workdir, checkpoint="last", batches=BATCHES, out=out), out
+
+
+def test_term_gradients_split_the_steps_gradient(study, gradients):
+    """The weighted terms' gradients sum to the gradient the step takes: the first batch's
+    total norm per part is that of jax.grad of objective.arco_loss for the same batch and key;
+    shares times cosines add up to 1 in every part; the supervised term never reaches the
+    anchor projector, so there the contrastive term is the whole gradient."""
+    report, out = gradients
+    assert report["settings"]["terms"] == ["sup", "contrast"]
+    config, state, _, _ = variance.restore_run(study.workdir, "last")
+    nets = build_networks(config)
+    streams = train.make_streams(config, registry.open_dataset(config))
+    try:
+        batch = variance.next_batch(streams)
+    finally:
+        streams.close()
+    key = jax.random.fold_in(jax.random.key(0), 0)
+    progress = stage2_progress(config, state.step)
+    (total, out_terms), grads = jax.value_and_grad(objective.arco_loss, has_aux=True)(
+        state.params, state, batch, key, progress, config, nets)
+    first = report["per_batch"][0]
+    assert first["loss"] == pytest.approx(float(total), rel=1e-5)
+    for name in ("sup", "contrast"):
+        assert first["terms"][name]["value"] == pytest.approx(float(out_terms.terms[name]), rel=1e-5)
+    for part, tree in grads.items():
+        norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(tree))))
+        assert first["total_norm"][part] == pytest.approx(norm, rel=1e-4)
+    for b in report["per_batch"]:
+        for part in b["total_norm"]:
+            rows = [b["terms"][n][part] for n in ("sup", "contrast")]
+            assert sum(r["share"] * r["cosine"] for r in rows if r["norm"] > 0) == pytest.approx(1.0, abs=1e-4)
+        assert b["terms"]["sup"]["projector"]["norm"] == 0.0
+        assert b["terms"]["contrast"]["projector"]["cosine"] == pytest.approx(1.0, abs=1e-5)
+        assert b["terms"]["contrast"]["weight"] == pytest.approx(0.1)
+    text = (out / "term_gradients.md").read_text()
+    row = report["summary"]["terms"]["contrast"]
+    assert f"| contrast | 0.100 | {row['value']:.3f} | " in text
+    assert json.loads((out / "term_gradients.json").read_text())["summary"] == report["summary"]
+
+
+def test_term_gradients_need_a_contrastive_term_and_name_bad_flags(study, tmp_path):
+    with pytest.raises(ValueError, match=re.escape("--batches must be an integer >= 1")):
+        term_gradients.run_probe(study.workdir, batches=0)
+    config = tiny_config(tmp_path)
+    config.loss_weights.contrast = 0.0
+    with pytest.raises(ValueError, match="loss_weights.contrast is 0.0: the run has no contrastive term"):
+        term_gradients.make_term_gradients(config, build_networks(config))
