@@ -337,8 +337,8 @@ def test_term_gradients_split_the_steps_gradient(study, gradients):
         streams.close()
     key = jax.random.fold_in(jax.random.key(0), 0)
     progress = stage2_progress(config, state.step)
-    (total, out_terms), grads = jax.value_and_grad(objective.arco_loss, has_aux=True)(
-        state.params, state, batch, key, progress, config, nets)
+    step_gradient = jax.jit(lambda *args: jax.value_and_grad(objective.arco_loss, has_aux=True)(*args, config, nets))
+    (total, out_terms), grads = step_gradient(state.params, state, batch, key, progress)
     first = report["per_batch"][0]
     assert first["loss"] == pytest.approx(float(total), rel=1e-5)
     for name in ("sup", "contrast"):
