@@ -139,3 +139,31 @@ def test_the_environment_names_the_cpu_model(tmp_path, monkeypatch):
                                                                           *a, **k))
     assert benchmark.cpu_model() == "AMD EPYC 9B14"
     assert benchmark.environment()["cpu_model"] == "AMD EPYC 9B14"
+
+
+def test_the_pytorch_unet_is_our_unet_parameter_for_parameter(tmp_path):
+    """benchmarks/torch_unet_step.py times the same network: its parameter count is the flax
+    UNet's, per layer kind, and one step on a tiny batch gives a finite CE + Dice loss. Runs
+    where PyTorch is installed (it is not a requirement)."""
+    torch = pytest.importorskip("torch")
+    import importlib.util
+    import json
+
+    import jax
+    import jax.numpy as jnp
+
+    from arco_jax.models.unet import UNet
+    from tests.tiny import REPO
+
+    spec = importlib.util.spec_from_file_location("torch_unet_step", REPO / "benchmarks" / "torch_unet_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shapes = jax.eval_shape(lambda k: UNet().init({"params": k, "dropout": k}, jnp.zeros((1, 32, 32, 1)), train=False),
+                            jax.random.PRNGKey(0))
+    flax_sizes = sorted(x.size for x in jax.tree.leaves(shapes["params"]))
+    torch_sizes = sorted(p.numel() for p in module.UNet().parameters())
+    assert torch_sizes == flax_sizes
+    result = module.main(["--size=32", "--batch=2", "--repeats=1", "--warmup=0", "--device=cpu",
+                          f"--out={tmp_path / 'r.json'}"])
+    assert result["parameters"] == sum(flax_sizes) and torch.isfinite(torch.tensor(result["loss"]))
+    assert json.loads((tmp_path / "r.json").read_text())["median_s"] == result["median_s"] > 0
