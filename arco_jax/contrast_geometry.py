@@ -29,7 +29,6 @@ Writes <out>/contrast_geometry.json and .md; <out> defaults to <workdir>/contras
 from __future__ import annotations
 
 import functools
-import json
 import math
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from arco_jax import files, losses, train, variance
+from arco_jax import cli, files, losses, train, variance
 from arco_jax.data import registry
 from arco_jax.objective import Forward, class_negatives, contrast_draws, head_inputs
 from arco_jax.state import build_networks
@@ -175,19 +174,12 @@ def run_probe(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
         "summary": summarize(per_batch, class_names),
         "per_batch": per_batch,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    files.write_text(out / "contrast_geometry.json", json.dumps(report, indent=2))
-    files.write_text(out / "contrast_geometry.md", markdown_report(report))
+    files.write_report(out, "contrast_geometry", report, markdown_report(report))
     return report
 
 
 def main(argv) -> None:
-    from absl import flags, logging  # pylint: disable=import-outside-toplevel
-
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
+    f = cli.report_flags(argv)
     report = run_probe(f.workdir, checkpoint=f.checkpoint, batches=f.batches, steps=f.steps, out=f.out, seed=f.seed)
     print(markdown_report(report))
 

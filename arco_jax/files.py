@@ -71,6 +71,15 @@ def write_json(path: epath.Path, payload) -> None:
     write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
+def write_report(folder: epath.PathLike, stem: str, report: dict, markdown: str) -> None:
+    """<folder>/<stem>.json (the report in its own key order, as it reads best) and <stem>.md,
+    the folder made if needed: how the probes and the study leave their results."""
+    folder = epath.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / f"{stem}.json", json.dumps(report, indent=2))
+    write_text(folder / f"{stem}.md", markdown)
+
+
 def move(source: epath.Path, target: epath.Path) -> None:
     """Move a file or folder (in a bucket: copy every object, then delete)."""
     epath.Path(target).parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from arco_jax import files, methods
+from arco_jax import cli, files, methods
 
 REPO = Path(__file__).resolve().parent.parent
 STUDY_CONFIG = "configs/phantom_study.py"
@@ -243,18 +243,12 @@ def run_study(out: str | Path, method_names: Sequence[str] = METHODS, budgets: S
     for cell in sorted(grid, key=lambda c: not finished(c)):  # stable: each group in grid order
         records[cell] = run_one(out, *cell, overrides, config_path)
         report = report_so_far()
-        files.write_text(out / "study.json", json.dumps(report, indent=2))
-        files.write_text(out / "study.md", markdown(report))
+        files.write_report(out, "study", report, markdown(report))
     return report
 
 
 def main(argv) -> None:
-    from absl import flags, logging  # pylint: disable=import-outside-toplevel
-
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
+    f = cli.report_flags(argv)
     report = run_study(f.out, f.methods, [int(b) for b in f.budgets], [int(s) for s in f.seeds], f.override,
                        f.config)
     print(markdown(report))

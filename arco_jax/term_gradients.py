@@ -18,7 +18,6 @@ Writes <out>/term_gradients.json and .md; <out> defaults to <workdir>/term_gradi
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from arco_jax import files, objective, train, variance
+from arco_jax import cli, files, objective, train, variance
 from arco_jax.data import registry
 from arco_jax.state import build_networks, stage2_progress
 
@@ -170,19 +169,12 @@ def run_probe(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
                       "method": config.method, "sampler": config.arco.sampler},
               "settings": {"batches": batches, "seed": seed, "terms": names},
               "summary": summarize(per_batch, names), "per_batch": per_batch}
-    out.mkdir(parents=True, exist_ok=True)
-    files.write_text(out / "term_gradients.json", json.dumps(report, indent=2))
-    files.write_text(out / "term_gradients.md", markdown_report(report))
+    files.write_report(out, "term_gradients", report, markdown_report(report))
     return report
 
 
 def main(argv) -> None:
-    from absl import flags, logging  # pylint: disable=import-outside-toplevel
-
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
+    f = cli.report_flags(argv)
     print(markdown_report(run_probe(f.workdir, checkpoint=f.checkpoint, batches=f.batches, out=f.out, seed=f.seed)))
 
 

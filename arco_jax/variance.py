@@ -25,7 +25,6 @@ contrastive term is built from, called here without the step's bank update.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from arco_jax import files, inference, losses, memory, sampling, train
+from arco_jax import cli, files, inference, losses, memory, sampling, train
 from arco_jax.config import validate
 from arco_jax.data import registry
 from arco_jax.objective import (Batch, Forward, HeadInputs, anchor_masks, head_inputs, per_class_contrast,
@@ -437,20 +436,13 @@ def run_study(workdir: epath.PathLike, *, checkpoint: str | int = "best", batche
         "summary": summarize(per_batch, names, class_names, draws),
         "per_batch": per_batch,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    files.write_text(out / "variance.json", json.dumps(report, indent=2))
-    files.write_text(out / "variance.md", markdown_report(report))
+    files.write_report(out, "variance", report, markdown_report(report))
     plot_ratios(report, out / "variance.png")
     return report
 
 
 def main(argv) -> None:
-    from absl import flags, logging  # pylint: disable=import-outside-toplevel
-
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    logging.set_verbosity(logging.WARNING)
+    f = cli.report_flags(argv)
     report = run_study(f.workdir, checkpoint=f.checkpoint, batches=f.batches, draws=f.draws,
                        samplers=f.samplers, strata=f.strata, out=f.out, seed=f.seed,
                        progress=lambda message: print(message, flush=True))
