@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
 
 from arco_jax import cli, files, objective, train, variance
@@ -44,8 +45,8 @@ def active_terms(config) -> list[str]:
 
 
 def _part_dot(a: dict, b: dict) -> dict:
-    return {part: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a[part]), jax.tree.leaves(b[part])))
-            for part in a}
+    """{part: <a[part], b[part]>} over the top-level parameter parts."""
+    return {part: optax.tree_utils.tree_vdot(a[part], b[part]) for part in a}
 
 
 def make_term_gradients(config, nets):
@@ -75,13 +76,9 @@ def make_term_gradients(config, nets):
             lambda p: weighted_terms(p, state, batch, key, progress), state.params, has_aux=True)
         per_term = jax.lax.map(lambda one_hot: pull(one_hot)[0], jnp.eye(len(names), dtype=jnp.float32))
         summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), per_term)
-        by_term = [jax.tree.map(lambda g, t=t: g[t], per_term) for t in range(len(names))]
-        dots = [_part_dot(g, summed) for g in by_term]
-        sqs = [_part_dot(g, g) for g in by_term]
-        parts = list(summed)
         return {"values": values, "weights": weights, "total": total,
-                "dot": {p: jnp.stack([d[p] for d in dots]) for p in parts},
-                "sq": {p: jnp.stack([s[p] for s in sqs]) for p in parts},
+                "dot": jax.vmap(_part_dot, in_axes=(0, None))(per_term, summed),
+                "sq": jax.vmap(lambda g: _part_dot(g, g))(per_term),
                 "total_sq": _part_dot(summed, summed)}
 
     return names, statistics
