@@ -13,7 +13,8 @@ have them; `--compile` adds torch.compile.
   python benchmarks/torch_unet_step.py --size=256 --batch=8 --dtype=float32 --out=torch_unet_256.json
 
 Times are the median of `--repeats` steps after `--warmup` steps, each synchronised; the JSON
-names the device and versions. Needs only torch and numpy; nothing is downloaded.
+names the device and versions. Needs only torch and numpy (pip install -r requirements-torch.txt);
+nothing is downloaded.
 """
 from __future__ import annotations
 
