@@ -25,7 +25,7 @@ from arco_jax import parallel
 from arco_jax.data.registry import OpenDataset, iterate_cases
 from arco_jax.errors import ConfigError
 from arco_jax.evaluators import EvalResult, Predict, my_indices
-from arco_jax.evaluators.sliding_window import sliding_window_probabilities
+from arco_jax.evaluators.sliding_window import check_window_settings, sliding_window_probabilities
 
 
 def default_stride(window) -> tuple[int, ...]:
@@ -40,11 +40,6 @@ def window_settings(config: ml_collections.ConfigDict) -> tuple[tuple, tuple]:
     if not window:
         return (), ()
     return window, tuple(config.eval.stride) or default_stride(window)
-
-
-def _positive_ints(value, count: int) -> bool:
-    return (len(value) == count
-            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value))
 
 
 def sum_over_processes(confusion: np.ndarray) -> np.ndarray:
@@ -100,26 +95,9 @@ class MeanIoU:
         window, stride = window_settings(config)
         if not window:
             return
-        rank = config.data.spatial_rank
-        if not _positive_ints(window, rank):
-            raise ConfigError(f"config.eval.window: must be {rank} positive integers (H, W) for sliding-window mIoU, "
-                              f"or () to predict whole images; got {tuple(e.window)!r}")
-        if not _positive_ints(stride, rank):
-            raise ConfigError(f"config.eval.stride: must be {rank} positive integers (H, W), or () for two thirds of "
-                              f"the window; got {tuple(e.stride)!r}")
-        if any(s > w for s, w in zip(stride, window)):
-            raise ConfigError(f"config.eval.stride: {tuple(stride)} exceeds the window {tuple(window)} in some axis; "
-                              "pixels between windows would never be predicted")
-        from arco_jax import models  # pylint: disable=import-outside-toplevel  (flax: only when validating)
-
-        if not models.check(config.model):
-            multiple = models.input_multiple(config)
-            if any(w % multiple for w in window):
-                raise ConfigError(f"config.eval.window: {tuple(window)} must be multiples of {multiple}, what the "
-                                  f"{config.model.name!r} model takes")
-        size = e.window_batch_size
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-            raise ConfigError(f"config.eval.window_batch_size: must be a positive integer, got {size!r}")
+        check_window_settings(config, window, stride, axes="H, W",
+                              window_rule="for sliding-window mIoU, or () to predict whole images",
+                              stride_rule="for two thirds of the window")
 
     def predict_image(self, predict: Predict, image: np.ndarray) -> np.ndarray:
         """Label map of one image (*spatial[, C]): whole, or by sliding windows when eval.window is

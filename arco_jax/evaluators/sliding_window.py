@@ -184,6 +184,35 @@ def _positive_ints(value, count: int) -> bool:
             and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value))
 
 
+def check_window_settings(config: ml_collections.ConfigDict, window: tuple, stride: tuple, *, axes: str,
+                          window_rule: str, stride_rule: str, window_origin: str = "") -> None:
+    """The checks of eval.window / eval.stride / eval.window_batch_size that every sliding-window
+    evaluator shares (2-D mIoU and the 3-D protocol): their messages differ only in the axes named
+    and in what () stands for (``window_rule``, ``stride_rule``, each after "or () "), and
+    ``window_origin`` says where a defaulted window came from."""
+    rank, e = len(axes.split(",")), config.eval
+    if not _positive_ints(window, rank):
+        raise ConfigError(f"config.eval.window: must be {rank} positive integers ({axes}) {window_rule}; "
+                          f"got {tuple(e.window)!r}")
+    if not _positive_ints(stride, rank):
+        raise ConfigError(f"config.eval.stride: must be {rank} positive integers ({axes}), or () {stride_rule}; "
+                          f"got {tuple(e.stride)!r}")
+    if any(s > w for s, w in zip(stride, window)):
+        points = "voxels" if rank == 3 else "pixels"
+        raise ConfigError(f"config.eval.stride: {tuple(stride)} exceeds the window {tuple(window)} in some axis; "
+                          f"{points} between windows would never be predicted")
+    from arco_jax import models  # pylint: disable=import-outside-toplevel  (flax: only when validating)
+
+    if not models.check(config.model):
+        multiple = models.input_multiple(config)
+        if any(w % multiple for w in window):
+            raise ConfigError(f"config.eval.window: {tuple(window)}{window_origin} must be multiples of {multiple}, "
+                              f"what the {config.model.name!r} model takes")
+    size = e.window_batch_size
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+        raise ConfigError(f"config.eval.window_batch_size: must be a positive integer, got {size!r}")
+
+
 class SlidingWindow(VolumeSlices):
     """3-D volumes predicted by overlapping windows (the ARCO/UA-MT test_3D.py protocol)."""
 
@@ -210,26 +239,9 @@ class SlidingWindow(VolumeSlices):
                               f"{rank}-D (use 'volume_slices' or 'miou')")
         e = config.eval
         window, stride = _window_settings(config)
-        source = "eval.window" if tuple(e.window) else "data.patch_size (eval.window is ())"
-        if not _positive_ints(window, rank):
-            raise ConfigError(f"config.eval.window: must be {rank} positive integers (D, H, W) or () for "
-                              f"data.patch_size, got {tuple(e.window)!r}")
-        if not _positive_ints(stride, rank):
-            raise ConfigError(f"config.eval.stride: must be {rank} positive integers (D, H, W) or () for the "
-                              f"reference's strides scaled to the window, got {tuple(e.stride)!r}")
-        if any(s > w for s, w in zip(stride, window)):
-            raise ConfigError(f"config.eval.stride: {tuple(stride)} exceeds the window {tuple(window)} in some "
-                              "axis; voxels between windows would never be predicted")
-        from arco_jax import models  # pylint: disable=import-outside-toplevel  (flax: only when validating)
-
-        if not models.check(config.model):
-            multiple = models.input_multiple(config)
-            if any(w % multiple for w in window):
-                raise ConfigError(f"config.eval.window: {tuple(window)} (from {source}) must be multiples of "
-                                  f"{multiple}, what the {config.model.name!r} model takes")
-        size = e.window_batch_size
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
-            raise ConfigError(f"config.eval.window_batch_size: must be a positive integer, got {size!r}")
+        origin = "" if tuple(e.window) else " (from data.patch_size, eval.window is ())"
+        check_window_settings(config, window, stride, axes="D, H, W", window_rule="or () for data.patch_size",
+                              stride_rule="for the reference's strides scaled to the window", window_origin=origin)
         if not isinstance(e.largest_component, bool):
             raise ConfigError(f"config.eval.largest_component: must be True or False, got {e.largest_component!r}")
 
