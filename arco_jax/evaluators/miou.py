@@ -95,7 +95,7 @@ class MeanIoU:
         window, stride = window_settings(config)
         if not window:
             return
-        check_window_settings(config, window, stride, axes="H, W",
+        check_window_settings(config, window, stride,
                               window_rule="for sliding-window mIoU, or () to predict whole images",
                               stride_rule="for two thirds of the window")
 

@@ -184,13 +184,14 @@ def _positive_ints(value, count: int) -> bool:
             and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value))
 
 
-def check_window_settings(config: ml_collections.ConfigDict, window: tuple, stride: tuple, *, axes: str,
+def check_window_settings(config: ml_collections.ConfigDict, window: tuple, stride: tuple, *,
                           window_rule: str, stride_rule: str, window_origin: str = "") -> None:
     """The checks of eval.window / eval.stride / eval.window_batch_size that every sliding-window
-    evaluator shares (2-D mIoU and the 3-D protocol): their messages differ only in the axes named
-    and in what () stands for (``window_rule``, ``stride_rule``, each after "or () "), and
-    ``window_origin`` says where a defaulted window came from."""
-    rank, e = len(axes.split(",")), config.eval
+    evaluator shares (mIoU and the 3-D protocol): their messages differ only in what () stands for
+    (``window_rule``, ``stride_rule``, each after "or () "), and ``window_origin`` says where a
+    defaulted window came from. Windows have config.data.spatial_rank sides."""
+    rank, e = config.data.spatial_rank, config.eval
+    axes = "D, H, W" if rank == 3 else "H, W"
     if not _positive_ints(window, rank):
         raise ConfigError(f"config.eval.window: must be {rank} positive integers ({axes}) {window_rule}; "
                           f"got {tuple(e.window)!r}")
@@ -240,7 +241,7 @@ class SlidingWindow(VolumeSlices):
         e = config.eval
         window, stride = _window_settings(config)
         origin = "" if tuple(e.window) else " (from data.patch_size, eval.window is ())"
-        check_window_settings(config, window, stride, axes="D, H, W", window_rule="or () for data.patch_size",
+        check_window_settings(config, window, stride, window_rule="or () for data.patch_size",
                               stride_rule="for the reference's strides scaled to the window", window_origin=origin)
         if not isinstance(e.largest_component, bool):
             raise ConfigError(f"config.eval.largest_component: must be True or False, got {e.largest_component!r}")
